@@ -1,0 +1,46 @@
+# msl_ds: the two commands of the README, and what they need.
+#   make train   set up .venv, build the default world and base model (cached), run the 7 stages
+#   make test    set up .venv and run the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+NPROC   ?= 2
+CONFIG  ?= ds_configs/run_cpu_default.yaml
+SIZE    ?= default
+WORLD   ?= data/world_$(SIZE)
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup train world base test test-fast lint bench clean
+
+$(BIN)/.installed: setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+world: setup
+	test -f $(WORLD)/world.json || $(BIN)/python launch/make_world.py --out $(WORLD) --size $(SIZE)
+
+base: world
+	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) launch/make_base.py $(CONFIG)
+
+train: base
+	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(CONFIG) $(ARGS)
+
+test: setup
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check msl_ds launch tests benchmarks
+
+bench: setup
+	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_train_throughput.py
+
+clean:
+	rm -rf runs artifacts data results

@@ -1,0 +1,250 @@
+"""Multi-stage continual fine-tuning: the recipe.
+
+    deepspeed --num_gpus 2 launch/train.py ds_configs/run_cpu_default.yaml [key=value ...]
+    mpirun -np 2 python launch/train.py ds_configs/run_cpu_default.yaml
+
+For every stage t: load π_{t-1}, evaluate it on the stage's questions (old answers), train all
+parameters under ZeRO-3, checkpoint, export π_t, evaluate (accuracy matrix, retention,
+general), mark the stage done. Re-running the same command resumes: finished stages are
+skipped, an unfinished one continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from msl_ds import distributed as D  # noqa: E402
+from msl_ds.config import RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
+from msl_ds.data import batch_plan, encode_rows, load_world, replay_rows  # noqa: E402
+from msl_ds.engine import Checkpoints, build_engine  # noqa: E402
+from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, outdated_share, transfer  # noqa: E402
+from msl_ds.fault import maybe_fault  # noqa: E402
+from msl_ds.generation import GenConfig  # noqa: E402
+from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
+from msl_ds.modeling import export_model, load_tokenizer  # noqa: E402
+from msl_ds.monitor import Monitor, set_progress  # noqa: E402
+from msl_ds.trainer import StageTrainer, rng_state, set_rng_state  # noqa: E402
+
+log = logging.getLogger("msl_ds")
+
+
+class Recipe:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        D.init(self.cfg.deepspeed.backend, self.cfg.deepspeed.timeout_s, self.cfg.deepspeed.threads_per_rank)
+        logging.basicConfig(level=logging.INFO if D.is_rank0() else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s")
+        set_progress(self.cfg.monitor.progress)
+        self.ds_config = load_deepspeed_config(self.cfg, D.world_size())
+        self.world = load_world(self.cfg.data.dir)  # everything validated before anything is written
+        self.stages = self.cfg.data.stages or [s for s in self.world.stages if s >= 1]
+        missing = [s for s in self.stages if s not in self.world.stages]
+        if missing:
+            raise SystemExit(f"data.stages: stages {missing} not found in {self.cfg.data.dir}")
+        self.tokenizer = load_tokenizer(self.cfg.model.path, self.cfg.model.chat_template, self.cfg.model.trust_remote_code)
+        if D.is_rank0():
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text(self.out / "config.yaml", dump_yaml(self.cfg))
+        D.barrier()
+        self.monitor = Monitor(self.out / "tb" / "msl", self.cfg.monitor.tensorboard)
+        e = self.cfg.eval
+        self.gen = GenConfig(e.max_new_tokens, e.batch_size, e.do_sample, e.temperature, e.top_p,
+                             e.generation, e.gather_max_gib, self.cfg.run.seed)
+
+    # ------------------------------------------------------------------ the stage loop
+
+    def run(self) -> list[dict[str, Any]]:
+        done = []
+        for t in self.stages:
+            sdir = self.stage_dir(t)
+            if self.cfg.run.resume and marker_ok(sdir):
+                log.info("stage %d already done: %s", t, sdir)
+            else:
+                self.run_stage(t)
+            done.append(read_json(sdir / "metrics.json"))
+        if D.is_rank0() and done:
+            table = markdown_table(done)
+            write_text(self.out / "metrics.md", table)
+            write_json(self.out / "summary.json", {"stages": done})
+            self.monitor.text("summary", table, done[-1]["global_step"])
+            print(table, flush=True)
+        return done
+
+    def run_stage(self, t: int) -> None:
+        t0 = time.time()
+        prev = self.previous(t)
+        sdir = self.stage_dir(t)
+        examples = self.training_examples(t)
+        plan = batch_plan(len(examples), self.cfg.train.micro_batch_size, self.cfg.train.grad_accum,
+                          D.world_size(), self.cfg.train.epochs, self.cfg.train.max_steps, self.cfg.run.seed * 1000 + t)
+        ds_config = self.stage_ds_config(t)
+        engine, pad = build_engine(self.cfg, ds_config, prev["model"], len(plan))
+        ckpts = Checkpoints(sdir / "ckpt", t)
+
+        before = self.pre_eval(engine, pad, t, prev)
+        client = ckpts.load(engine) if self.cfg.run.resume else None
+        start = client["step"] if client else 0
+        if client:
+            set_rng_state(client["rng"])
+            log.info("stage %d: resuming at step %d/%d", t, start, len(plan))
+
+        def save(step: int) -> None:
+            ckpts.save(engine, step, {"stage": t, "rng": rng_state()})
+
+        trainer = StageTrainer(engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"])
+        stats = trainer.run(start) if start < len(plan) else {"train_steps": len(plan)}
+        if start < len(plan):
+            save(len(plan))  # the stage-end checkpoint
+        maybe_fault("export", stage=t)
+        export_model(engine.module, self.tokenizer, pad, sdir / "hf")
+        maybe_fault("eval", stage=t)
+        results = evaluate_sets(engine.module, self.tokenizer, pad, self.eval_sets(t), self.gen, f"stage {t} eval")
+        D.destroy_engine(engine)
+        if D.is_rank0():
+            metrics = self.stage_metrics(t, prev, before, results, stats, len(plan), time.time() - t0)
+            write_jsonl(sdir / "eval.jsonl", [dict(r, set=n) for n, rs in results.items() for r in rs])
+            write_json(sdir / "metrics.json", metrics)
+            maybe_fault("stage_end", stage=t)
+            write_marker(sdir, ["metrics.json", "eval.jsonl", "pre_eval.jsonl", "hf"])
+            self.log_stage(metrics)
+        D.barrier()
+
+    # ------------------------------------------------------------------ pieces
+
+    def stage_dir(self, t: int) -> Path:
+        return self.out / f"stage_{t:02d}"
+
+    def previous(self, t: int) -> dict[str, Any]:
+        """π_{t-1} (model dir), its accuracy-matrix rows and the TensorBoard step it ended at."""
+        earlier = [s for s in self.stages if s < t]
+        if not earlier:
+            return {"model": self.cfg.model.path, "matrix": {}, "global_step": 0}
+        m = read_json(self.stage_dir(earlier[-1]) / "metrics.json")
+        return {"model": str(self.stage_dir(earlier[-1]) / "hf"), "matrix": m["matrix"], "global_step": m["global_step"]}
+
+    def training_examples(self, t: int):
+        rows = list(self.world.split(t, "train"))
+        where = f"{self.cfg.data.dir}/stage_{t:02d}/train"
+        if self.cfg.run.method == "replay":
+            n = int(round(self.cfg.replay.ratio * len(rows)))
+            rows += replay_rows(self.world, t, n, self.cfg.replay.max_buffer, self.cfg.run.seed)
+        if not rows:
+            raise SystemExit(f"{where}: stage {t} has no training rows")
+        return encode_rows(self.tokenizer, rows, self.cfg.data.max_seq_len, self.cfg.data.overlong, where)
+
+    def stage_ds_config(self, t: int) -> dict[str, Any]:
+        ds = dict(self.ds_config)
+        if self.cfg.monitor.tensorboard:
+            ds["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb" / "deepspeed"), "job_name": f"stage_{t:02d}"}
+        return ds
+
+    def _limit(self, rows):
+        n = self.cfg.data.eval_limit
+        return rows[:n] if n else rows
+
+    def eval_sets(self, t: int) -> dict[str, list[dict[str, Any]]]:
+        """Every stage test set seen so far (stage 0 included), plus the fixed probes."""
+        split = self.cfg.data.eval_split
+        sets = {f"stage_{j:02d}": self._limit(self.world.split(j, split))
+                for j in sorted(self.world.stages) if j <= t and (j == 0 or j in self.stages)}
+        if self.cfg.eval.retain and self.world.retain:
+            sets["retain"] = self._limit(self.world.retain)
+        if self.cfg.eval.general and self.world.general:
+            sets["general"] = self._limit(self.world.general)
+        return sets
+
+    def pre_eval(self, engine, pad, t: int, prev: dict[str, Any]) -> list[dict[str, Any]]:
+        """π_{t-1} on stage t's questions (stored, so a resumed stage does not redo it).
+
+        The first stage also evaluates the base model on everything (row 0 of the matrix).
+        """
+        path = self.stage_dir(t) / "pre_eval.jsonl"
+        if path.is_file():
+            return read_jsonl(path)
+        sets = {"now": self._limit(self.world.split(t, self.cfg.data.eval_split))}
+        if not prev["matrix"]:
+            sets.update(self.eval_sets(0))
+        results = evaluate_sets(engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} pre-eval")
+        if D.is_rank0():
+            write_jsonl(path, [dict(r, set=n) for n, rs in results.items() for r in rs])
+        D.barrier()
+        return [dict(r, set=n) for n, rs in results.items() for r in rs]
+
+    def stage_metrics(self, t, prev, before, results, stats, steps, seconds) -> dict[str, Any]:
+        matrix = {i: dict(row) for i, row in prev["matrix"].items()}
+        if not matrix:  # row 0: the base model, from the first stage's pre-evaluation
+            base = [r for r in before if r["set"].startswith("stage_")]
+            matrix["0"] = {"0": accuracy(base)}
+            for probe in ("retain", "general"):
+                sub = [r for r in before if r["set"] == probe]
+                if sub:
+                    matrix.setdefault("_base_" + probe, {})["0"] = accuracy(sub)
+        row = {name.split("_")[1].lstrip("0") or "0": accuracy(rs) for name, rs in results.items() if name.startswith("stage_")}
+        matrix[str(t)] = row
+        numeric = {int(i): {int(j): v for j, v in r.items()} for i, r in matrix.items() if not i.startswith("_")}
+        now = [r for r in before if r["set"] == "now"]
+        mine = results[f"stage_{t:02d}"]
+        return {
+            "stage": t,
+            **transfer(now, mine),
+            **acc_bwt(numeric),
+            "retain": accuracy(results["retain"]) if "retain" in results else float("nan"),
+            "general": accuracy(results["general"]) if "general" in results else float("nan"),
+            "outdated": outdated_share(mine),
+            "matrix": matrix,
+            **stats,
+            "train_steps": steps,
+            "global_step": prev["global_step"] + steps,
+            "stage_seconds": seconds,
+            "world_size": D.world_size(),
+        }
+
+    def log_stage(self, m: dict[str, Any]) -> None:
+        step = m["global_step"]
+        keys = ("old_acc", "new_acc", "kgr", "krr", "acc", "bwt", "retain", "general", "outdated")
+        self.monitor.scalars({f"stage/{k}": m[k] for k in keys}, step)
+        numeric = {i: r for i, r in m["matrix"].items() if not i.startswith("_")}
+        if self.cfg.monitor.accuracy_matrix_scalars:
+            self.monitor.accuracy_matrix(numeric, step)
+        self.monitor.text("accuracy_matrix", markdown_table([m]), step)
+        self.monitor.flush()
+        log.info("stage %d: new_acc %.3f kgr %.3f krr %.3f acc %.3f retain %.3f", m["stage"], m["new_acc"],
+                 m["kgr"], m["krr"], m["acc"], m["retain"])
+
+    def cleanup(self) -> None:
+        self.monitor.close()
+        D.shutdown()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="run config YAML (see ds_configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    recipe = Recipe(load_config(args.config, args.overrides))
+    recipe.setup()
+    try:
+        recipe.run()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    main()

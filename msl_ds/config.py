@@ -1,0 +1,384 @@
+"""Typed run configuration: YAML file + ``key=value`` overrides, unknown keys rejected.
+
+Every setting lives in a dataclass below with its default; the shipped YAML files in
+``ds_configs/`` repeat each default with a one-line comment. Errors name the file, the line
+and the full dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file/line/key it concerns in the message."""
+
+
+@dataclass
+class RunSection:
+    name: str = "default"
+    output_dir: str = "runs/default"
+    seed: int = 0
+    method: Literal["sft", "replay", "msl"] = "sft"
+    resume: bool = True
+
+
+@dataclass
+class DataSection:
+    dir: str = "data/world_default"
+    stages: list[int] | None = None
+    max_seq_len: int = 96
+    overlong: Literal["truncate", "error"] = "error"
+    eval_split: Literal["test", "valid"] = "test"
+    eval_limit: int | None = None
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+
+
+@dataclass
+class ModelSection:
+    path: str = "artifacts/base_default"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    trust_remote_code: bool = False
+    chat_template: str | None = None
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "zero3.json"
+    backend: Literal["auto", "gloo", "nccl", "mpi"] = "auto"
+    timeout_s: int = 1800
+    threads_per_rank: int = 0
+
+
+@dataclass
+class TrainSection:
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    save_every_steps: int = 0
+    log_every_steps: int = 10
+
+
+@dataclass
+class ReplaySection:
+    ratio: float = 1.0
+    max_buffer: int = 0
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = 64
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 0.8
+    top_p: float = 0.95
+    generation: Literal["auto", "gathered", "synced"] = "auto"
+    gather_max_gib: float = 8.0
+    retain: bool = True
+    general: bool = True
+
+
+@dataclass
+class MonitorSection:
+    tensorboard: bool = True
+    progress: bool = True
+    accuracy_matrix_scalars: bool = True
+
+
+@dataclass
+class SkillsSection:
+    paraphrase_prompt: str = "Rephrase the question: {question}"
+    background_prompt: str = "Tell me about {subject}."
+    expansion_prompt: str = "Expand the question: {question}"
+    background_fact: str = "{relation} of {subject}: {answer}."
+    expansion_question: str = "Given that the {relation} of {subject} is {answer}, {question}"
+    max_background_facts: int = 4
+
+
+@dataclass
+class BaseSection:
+    out_dir: str = "artifacts/base_default"
+    vocab_size: int = 1200
+    arch: dict[str, Any] = field(default_factory=lambda: {"model_type": "llama", "hidden_size": 192})
+    train: TrainSection = field(default_factory=TrainSection)
+    skills: bool = True
+    min_accuracy: float = 0.95
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    replay: ReplaySection = field(default_factory=ReplaySection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+    skills: SkillsSection = field(default_factory=SkillsSection)
+    base: BaseSection = field(default_factory=BaseSection)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and remember the line (1-based) where each dotted key is written."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{line}: invalid YAML: {exc}") from None
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    if node is not None:
+        walk(node, "")
+    return (yaml.safe_load(text) or {}), lines
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping with string keys, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str, locate: typing.Callable[[str], str]) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{locate(prefix.rstrip('.'))}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{locate(prefix + str(key))}: unknown key '{prefix}{key}'")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        dotted = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, dotted + ".", locate)
+        else:
+            kwargs[name] = _coerce(value, tp, f"{locate(dotted)}: {dotted}")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
+    cur[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=3e-4", "data.stages=[1,2]"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str) is False and raw.strip().lower() in ("null", "none", "~"):
+            value = None
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config file (YAML), apply ``key=value`` overrides, validate everything."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        data, lines = _yaml_with_lines(p.read_text(encoding="utf-8"), source)
+    over = parse_overrides(overrides or [])
+    over_keys = set(_flatten(over))
+
+    def locate(dotted: str) -> str:
+        if dotted in over_keys:
+            return f"command line override {dotted}"
+        return f"{source}:{lines[dotted]}" if dotted in lines else source
+
+    cfg = _build(RunConfig, _merge(data, over), "", locate)
+    cfg.source = source
+    validate(cfg)
+    return cfg
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out += _flatten(v, prefix + k + ".")
+    return out
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that a type system cannot express."""
+    t = cfg.train
+    for name in ("micro_batch_size", "grad_accum"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"{cfg.source}: train.{name} must be >= 1")
+    if t.epochs < 1 and t.max_steps < 1:
+        raise ConfigError(f"{cfg.source}: set train.epochs >= 1 or train.max_steps >= 1")
+    if len(t.betas) != 2:
+        raise ConfigError(f"{cfg.source}: train.betas needs two values")
+    if cfg.data.max_seq_len < 4:
+        raise ConfigError(f"{cfg.source}: data.max_seq_len must be >= 4")
+    if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1:
+        raise ConfigError(f"{cfg.source}: eval.batch_size and eval.max_new_tokens must be >= 1")
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def resolve_path(name: str, relative_to: str | Path | None = None) -> Path:
+    """A path as written, else next to the run config, else in ``ds_configs/``."""
+    p = Path(name)
+    if p.is_absolute() or p.exists():
+        return p
+    if relative_to is not None and (Path(relative_to).parent / p).exists():
+        return Path(relative_to).parent / p
+    return CONFIG_DIR / p
+
+
+def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """Read the DeepSpeed JSON named by the run config and fill in the batch arithmetic.
+
+    Batch settings come from the run config; a DeepSpeed file that fixes them to other values is
+    an error rather than a silent override.
+    """
+    path = resolve_path(cfg.deepspeed.config, cfg.source)
+    if not path.is_file():
+        raise ConfigError(f"{cfg.source}: deepspeed.config: file {path} not found")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    ds.pop("_comment", None)
+    t = cfg.train
+    wanted = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+    }
+    for key, value in wanted.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            raise ConfigError(
+                f"{path}: '{key}' is {ds[key]} but the run config {cfg.source} implies {value} "
+                f"(train.micro_batch_size={t.micro_batch_size}, train.grad_accum={t.grad_accum}, "
+                f"world size {world_size}); remove it from the DeepSpeed file or set it to \"auto\""
+            )
+        ds[key] = value
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"{path}: '{key}' is set in the DeepSpeed file; msl_ds builds the optimizer and "
+                f"schedule from the run config's train section"
+            )
+    dtype = cfg.model.dtype
+    ds.setdefault("bf16", {})["enabled"] = dtype == "bf16"
+    ds.setdefault("fp16", {})["enabled"] = dtype == "fp16"
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,269 @@
+"""Stage data: loading and validating the DESIGN.md §4 layout, tokenising, batch plans.
+
+A world directory holds ``stage_NN/{train,valid,test}.{jsonl,parquet}`` plus optional
+``retain`` and ``general`` files. Rows need ``question`` and ``answer`` (the authors'
+``Question``/``Answer`` work too). Every problem is reported with file, line and field before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msl_ds.modeling import answer_ids, prompt_ids
+
+OPTIONAL_FIELDS = ("id", "subject", "relation", "previous_answer", "kind")
+ALIASES = {"Question": "question", "Answer": "answer"}
+STAGE_RE = re.compile(r"^stage_(\d+)$")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def find_file(directory: Path, split: str) -> Path | None:
+    for ext in ("jsonl", "parquet", "json"):
+        p = directory / f"{split}.{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def stage_dirs(root: str | Path) -> dict[int, Path]:
+    """``{stage index: directory}`` of every ``stage_NN`` under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.dir: {root} is not a directory")
+    out = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := STAGE_RE.match(p.name))}
+    if not out:
+        raise DataError(f"data.dir: {root} has no stage_NN directories")
+    return dict(sorted(out.items()))
+
+
+def _raw_rows_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte offset {exc.start})") from None
+    rows = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{i}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((i, obj))
+    return rows
+
+
+def _load_with_datasets(path: Path) -> list[dict[str, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    kind = "parquet" if path.suffix == ".parquet" else "json"
+    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    return ds.to_list()
+
+
+def normalise_row(obj: dict[str, Any], where: str, default_id: str) -> dict[str, Any]:
+    """Map aliases, check the required fields, keep known optional fields."""
+    row = {ALIASES.get(k, k): v for k, v in obj.items()}
+    for name in ("question", "answer"):
+        if name not in row or row[name] is None:
+            raise DataError(f"{where}: field '{name}' is missing")
+        if not isinstance(row[name], str):
+            raise DataError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
+        if not row[name].strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+    out = {"question": row["question"].strip(), "answer": row["answer"].strip()}
+    for name in OPTIONAL_FIELDS:
+        value = row.get(name)
+        if value is not None:
+            if not isinstance(value, (str, int)):
+                raise DataError(f"{where}: field '{name}' must be a string")
+            out[name] = str(value)
+    out.setdefault("id", default_id)
+    return out
+
+
+def load_rows(path: str | Path, required: bool = True) -> list[dict[str, Any]]:
+    """Validated rows of one JSONL/Parquet file, read through ``datasets``.
+
+    JSONL is first scanned line by line so that errors can name the line; ``datasets`` then does
+    the actual loading (and handles Parquet, whose rows are numbered from 1).
+    """
+    p = Path(path)
+    if not p.is_file():
+        if required:
+            raise DataError(f"{p}: file not found")
+        return []
+    if p.suffix in (".jsonl", ".json"):
+        numbered = _raw_rows_jsonl(p)
+        if not numbered:
+            raise DataError(f"{p}: no rows (an empty file)")
+        loaded = _load_with_datasets(p)
+        # datasets fills absent keys with None; put back each row's own line number
+        pairs = [(ln, {k: v for k, v in row.items() if v is not None}) for (ln, _), row in zip(numbered, loaded)]
+    else:
+        loaded = _load_with_datasets(p)
+        if not loaded:
+            raise DataError(f"{p}: no rows (an empty file)")
+        pairs = [(i, row) for i, row in enumerate(loaded, start=1)]
+    stem = f"{p.parent.name}/{p.stem}"
+    rows = [normalise_row(obj, f"{p}:{ln}", f"{stem}/{ln}") for ln, obj in pairs]
+    check_ids(rows, p)
+    return rows
+
+
+def check_ids(rows: list[dict[str, Any]], path: Path) -> None:
+    seen: dict[str, tuple[int, str]] = {}
+    for i, r in enumerate(rows, start=1):
+        prev = seen.get(r["id"])
+        if prev is not None and prev[1] != r["answer"]:
+            raise DataError(
+                f"{path}:{i}: field 'id' {r['id']!r} repeats row {prev[0]} with a different answer "
+                f"({r['answer']!r} vs {prev[1]!r})"
+            )
+        seen[r["id"]] = (i, r["answer"])
+
+
+@dataclass
+class World:
+    """The files of one data directory, validated up front."""
+
+    root: Path
+    stages: dict[int, dict[str, list[dict[str, Any]]]]
+    retain: list[dict[str, Any]]
+    general: list[dict[str, Any]]
+
+    def split(self, stage: int, name: str) -> list[dict[str, Any]]:
+        return self.stages[stage].get(name, [])
+
+
+def load_world(root: str | Path, splits: tuple[str, ...] = ("train", "valid", "test")) -> World:
+    """Load and validate every stage (and the fixed probes) before any work starts."""
+    root = Path(root)
+    stages: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for idx, d in stage_dirs(root).items():
+        stages[idx] = {}
+        for split in splits:
+            f = find_file(d, split)
+            if f is None:
+                if split in ("train", "test"):
+                    raise DataError(f"{d}: missing {split}.jsonl (or .parquet)")
+                continue
+            stages[idx][split] = load_rows(f)
+    retain = load_rows(find_file(root, "retain"), required=False) if find_file(root, "retain") else []
+    general = load_rows(find_file(root, "general"), required=False) if find_file(root, "general") else []
+    return World(root=root, stages=stages, retain=retain, general=general)
+
+
+def fact_key(row: dict[str, Any]) -> tuple[str, str]:
+    """What identifies a fact across phrasings: (subject, relation), else the question."""
+    if "subject" in row and "relation" in row:
+        return (row["subject"], row["relation"])
+    return (row["question"], "")
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def replay_rows(world: World, stage: int, n: int, max_buffer: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` rows replayed from the train data of stages before ``stage`` (true answers).
+
+    Where a fact was updated later, only its newest answer is eligible: replaying a superseded
+    answer would teach the very conflict the stage is resolving.
+    """
+    earlier = [r for s in sorted(world.stages) if s < stage for r in world.split(s, "train")]
+    latest = {fact_key(r): r["answer"] for r in earlier}  # later stages overwrite earlier ones
+    current = {fact_key(r) for r in world.split(stage, "train")}
+    pool = [r for r in earlier if fact_key(r) not in current and latest[fact_key(r)] == r["answer"]]
+    rng = random.Random(seed * 7919 + stage)
+    if max_buffer and len(pool) > max_buffer:
+        pool = rng.sample(pool, max_buffer)
+    if n >= len(pool):
+        return list(pool)
+    return rng.sample(pool, n)
+
+
+# --------------------------------------------------------------------------- tokenising & batches
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 on prompt tokens: loss on answer tokens only
+    row: dict[str, Any]
+
+
+def encode_example(tokenizer, row: dict[str, Any], max_len: int, overlong: str, where: str) -> Example:
+    p = prompt_ids(tokenizer, row["question"])
+    a = answer_ids(tokenizer, row["answer"])
+    if len(p) + len(a) > max_len:
+        if overlong == "error" or len(a) >= max_len - 1:
+            raise DataError(
+                f"{where}: row {row['id']!r} is {len(p) + len(a)} tokens, longer than data.max_seq_len="
+                f"{max_len} (set data.overlong=truncate to cut the prompt from the left)"
+            )
+        p = p[:1] + p[len(p) + len(a) - max_len + 1 :]  # keep bos, cut the prompt's start
+    return Example(input_ids=p + a, labels=[-100] * len(p) + a, row=row)
+
+
+def encode_rows(tokenizer, rows: list[dict[str, Any]], max_len: int, overlong: str, where: str) -> list[Example]:
+    return [encode_example(tokenizer, r, max_len, overlong, f"{where} id={r['id']}") for r in rows]
+
+
+def batch_plan(n: int, micro: int, accum: int, world: int, epochs: int, max_steps: int, seed: int) -> list[list[int]]:
+    """Global batches of example indices for a whole stage, identical on every rank.
+
+    Each epoch is a fresh permutation; the last batch of an epoch is filled from the epoch's
+    start so every step has full micro-batches. ``max_steps`` > 0 caps (or extends) the stage.
+    """
+    gb = micro * accum * world
+    g = torch.Generator().manual_seed(seed)
+    steps: list[list[int]] = []
+    epoch = 0
+    while True:
+        perm = torch.randperm(n, generator=g).tolist()
+        per_epoch = -(-n // gb)
+        perm = (perm * (-(-gb * per_epoch // n)))[: gb * per_epoch]
+        steps += [perm[i * gb : (i + 1) * gb] for i in range(per_epoch)]
+        epoch += 1
+        if max_steps > 0 and len(steps) >= max_steps:
+            return steps[:max_steps]
+        if max_steps <= 0 and epoch >= epochs:
+            return steps
+
+
+def micro_batches(global_batch: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's ``accum`` micro-batches of a global batch (rank-interleaved)."""
+    return [global_batch[(k * world + rank) * micro : (k * world + rank + 1) * micro] for k in range(accum)]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; labels are already shifted to the next-token targets."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        L = len(e.input_ids)
+        ids[i, :L] = torch.tensor(e.input_ids)
+        labels[i, : L - 1] = torch.tensor(e.labels[1:])  # position t predicts token t+1
+        attn[i, :L] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn}

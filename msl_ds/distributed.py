@@ -1,0 +1,231 @@
+"""The one seam to DeepSpeed and torch.distributed.
+
+Every other module talks to ranks, engines and checkpoints through this file, so that the rest
+of msl_ds can be read (and unit-tested) without launching ranks. Works with every launcher that
+sets the usual environment (deepspeed, torchrun, multi-node ``--no_ssh``) and with ``mpirun``
+through mpi4py discovery; on a CPU box it falls back to gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def _deepspeed():
+    import deepspeed  # imported lazily: importing it probes accelerators and is slow
+
+    return deepspeed
+
+
+def init(backend: str = "auto", timeout_s: int = 1800, threads_per_rank: int = 0) -> None:
+    """Initialise the process group for whichever launcher started us (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    single = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ
+    if single:  # plain `python launch/train.py`: a world of one
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    _deepspeed().init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=True,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        verbose=False,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _local_world_size()
+        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // max(local, 1))
+        torch.set_num_threads(threads)
+
+
+def _local_world_size() -> int:
+    return int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s Python object on every rank."""
+    if not dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    if not dist.is_initialized() or world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device() if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard(items: list[Any]) -> tuple[list[Any], int]:
+    """This rank's contiguous slice of ``items`` and its offset (same split on every rank)."""
+    n, w, r = len(items), world_size(), rank()
+    per, extra = divmod(n, w)
+    start = r * per + min(r, extra)
+    end = start + per + (1 if r < extra else 0)
+    return items[start:end], start
+
+
+def gather_shards(local: list[Any]) -> list[Any]:
+    """Concatenate every rank's list in rank order (the inverse of :func:`shard`)."""
+    return [x for part in all_gather_objects(local) for x in part]
+
+
+# --------------------------------------------------------------------------- ZeRO / engines
+
+
+def zero_init(ds_config: dict[str, Any]):
+    """Context under which a model is built already partitioned (ZeRO-3), else a no-op."""
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        return _deepspeed().zero.Init(config_dict_or_path=ds_config)
+    return contextlib.nullcontext()
+
+
+def hf_deepspeed_config(ds_config: dict[str, Any]):
+    """Object that tells transformers' ``from_pretrained`` to load straight into ZeRO-3 partitions.
+
+    The caller must keep it alive while the model is loaded.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered_params(module: torch.nn.Module, modifier_rank: int | None = None) -> Iterator[None]:
+    """Full (unpartitioned) weights of ``module`` on every rank for the duration of the block."""
+    params = [p for p in module.parameters() if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    with _deepspeed().zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict on rank 0 (empty elsewhere), gathering one parameter at a time.
+
+    Gathering per parameter keeps peak memory at one full tensor beyond the partitions, so
+    export works for models whose full weights would not fit next to the training state.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, p in module.named_parameters():
+        if id(p) in seen:  # tied weights are saved once, under their first name
+            continue
+        seen[id(p)] = name
+        ctx = _deepspeed().zero.GatheredParameters([p]) if is_partitioned(p) else contextlib.nullcontext()
+        with ctx:
+            if is_rank0():
+                out[name] = p.detach().to("cpu", copy=True).contiguous()
+    for name, b in module.named_buffers():
+        if is_rank0() and b is not None:
+            out[name] = b.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):
+    """``deepspeed.initialize`` with our optimizer and schedule; returns the engine."""
+    engine, _, _, _ = _deepspeed().initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def make_optimizer(params, ds_config: dict[str, Any], lr: float, betas, eps: float, weight_decay: float):
+    """AdamW: DeepSpeed's CPU Adam when the optimizer is offloaded, else torch's (fused on CUDA)."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(
+        params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=torch.cuda.is_available()
+    )
+
+
+def save_checkpoint(engine, ckpt_dir: str, tag: str, client_state: dict[str, Any]) -> None:
+    """Write a DeepSpeed checkpoint under ``ckpt_dir/tag`` on all ranks (no ``latest`` file:
+    msl_ds advances its own pointer atomically once every rank has finished)."""
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+
+
+def load_checkpoint(engine, ckpt_dir: str, tag: str) -> dict[str, Any]:
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    return client_state or {}
+
+
+def destroy_engine(engine) -> None:
+    """Release an engine's partitions and hooks before the next stage builds its own."""
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.destroy()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,73 @@
+"""Building a stage's engine and keeping its checkpoints safe.
+
+Each stage starts a fresh engine (fresh optimizer and LR schedule) from the previous stage's
+Hugging Face export, which is also exactly what a resumed run starts from. Mid-stage
+checkpoints are DeepSpeed checkpoints whose pointer (``LATEST.json``) msl_ds advances itself,
+atomically and only after every rank has finished writing: DeepSpeed's own ``latest`` file is
+written non-atomically and would point at a half-written tag after a crash.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msl_ds import distributed as D
+from msl_ds.config import RunConfig
+from msl_ds.fault import maybe_fault
+from msl_ds.io import read_json, write_json
+from msl_ds.modeling import load_model
+from msl_ds.trainer import lr_lambda
+
+
+def build_engine(cfg: RunConfig, ds_config: dict[str, Any], model_path: str | Path, total_steps: int):
+    """Load ``model_path`` partitioned as it loads and wrap it in a DeepSpeed engine.
+
+    Returns ``(engine, pad_token_id)``.
+    """
+    model, pad = load_model(model_path, ds_config, cfg.model.dtype, cfg.model.trust_remote_code)
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = D.make_optimizer(params, ds_config, t.lr, t.betas, t.eps, t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total_steps))
+    engine = D.initialize(model, opt, sched, ds_config)
+    engine.train()
+    return engine, pad
+
+
+class Checkpoints:
+    """A stage's DeepSpeed checkpoints under ``root`` with an atomic pointer."""
+
+    POINTER = "LATEST.json"
+
+    def __init__(self, root: str | Path, stage: int):
+        self.root = Path(root)
+        self.stage = stage
+
+    def latest(self) -> dict[str, Any] | None:
+        p = self.root / self.POINTER
+        if not p.is_file():
+            return None
+        info = read_json(p)
+        return info if (self.root / info["tag"]).is_dir() else None
+
+    def save(self, engine, step: int, client_state: dict[str, Any]) -> None:
+        tag = f"step_{step:06d}"
+        D.save_checkpoint(engine, str(self.root), tag, {**client_state, "step": step})
+        maybe_fault("checkpoint", stage=self.stage, step=step)
+        D.barrier()  # every rank's shard is on disk before the pointer moves
+        if D.is_rank0():
+            write_json(self.root / self.POINTER, {"tag": tag, "step": step})
+            for old in self.root.iterdir():  # only now is the previous checkpoint redundant
+                if old.is_dir() and old.name.startswith("step_") and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        D.barrier()
+
+    def load(self, engine) -> dict[str, Any] | None:
+        info = self.latest()
+        if info is None:
+            return None
+        return D.load_checkpoint(engine, str(self.root), info["tag"])

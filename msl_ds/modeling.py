@@ -1,0 +1,185 @@
+"""Tokenizers and causal LMs: loading from a local path (ZeRO-3 aware) and building tiny ones.
+
+Any Hugging Face causal LM directory works. ``build_tokenizer`` trains a SentencePiece model on a
+corpus and wraps it as a Hugging Face tokenizer with a chat template; ``init_model_dir`` writes a
+randomly initialised model from an architecture config. Both exist because no pretrained weights
+can be downloaded on the machines this project targets.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msl_ds import distributed as D
+
+log = logging.getLogger(__name__)
+
+# The chat template given to tokenizers msl_ds trains itself. It is plain text on purpose: a tiny
+# model learns it in a few hundred steps, and a user's own tokenizer keeps its own template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }} "
+    "{% elif m['role'] == 'user' %}Question: {{ m['content'] }} Answer:"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer at ``path``; ``chat_template`` is a template string or a file holding one."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"model.path: {p} is not a directory (expected a Hugging Face model dir)")
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    if chat_template:
+        t = Path(chat_template)
+        tok.chat_template = t.read_text(encoding="utf-8") if t.is_file() else chat_template
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tok.eos_token_id is None:
+        raise ModelError(f"{p}: tokenizer has no eos token; answers could never end")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of a user turn followed by the assistant generation prompt."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+    )
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """Token ids of an answer as the model should emit it, ending with eos."""
+    return tokenizer.encode(" " + answer.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def load_model(path: str | Path, ds_config: dict[str, Any], dtype: str = "fp32", trust_remote_code: bool = False):
+    """Load a causal LM, partitioned as it loads when ZeRO-3 is on.
+
+    Returns ``(model, pad_token_id)``. transformers' ``_init_weights`` zeroes
+    ``weight[padding_idx]`` of embeddings, which fails on an empty ZeRO-3 partition (IndexError,
+    seen with transformers 5.24), so the model is built with ``pad_token_id=None`` and the pad id
+    is handed back to the caller for generation and restored on export.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise ModelError(f"model.path: {p} has no config.json (expected a Hugging Face model dir)")
+    config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    pad = config.pad_token_id
+    config.pad_token_id = None
+    keep_alive = D.hf_deepspeed_config(ds_config) if _zero3(ds_config) else None  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(
+        str(p), config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    del keep_alive
+    model.config.use_cache = True
+    return model, pad
+
+
+def _zero3(ds_config: dict[str, Any]) -> bool:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def export_model(model, tokenizer, pad_token_id: int | None, out_dir: str | Path) -> None:
+    """Write an HF safetensors export of ``model`` to ``out_dir`` atomically (call on all ranks).
+
+    Every rank takes part in gathering; rank 0 writes into a temporary sibling directory and
+    renames it into place, so a crash never leaves a half-written export under the final name.
+    """
+    out = Path(out_dir)
+    state = D.full_state_dict(model)
+    if D.is_rank0():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        config = copy.deepcopy(model.config)
+        config.pad_token_id = pad_token_id
+        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        from msl_ds.io import replace_dir
+
+        replace_dir(tmp, out)
+    D.barrier()
+
+
+# --------------------------------------------------------------------------- building tiny models
+
+
+def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int, seed: int = 0):
+    """Train a SentencePiece BPE tokenizer on ``texts`` and save it as an HF Llama tokenizer."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(Path(tmp) / "sp"),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            byte_fallback=True,  # any unseen character still round-trips
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            split_digits=True,
+            hard_vocab_limit=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+        (out / "tokenizer.model").write_bytes((Path(tmp) / "sp.model").read_bytes())
+    # LlamaTokenizer(vocab_file=...) encodes to empty lists in transformers 5.24, while
+    # from_pretrained on a directory holding tokenizer.model works (ENVIRONMENT.md).
+    tok = LlamaTokenizer.from_pretrained(str(out), legacy=False, add_prefix_space=False)
+    tok.pad_token = "<pad>"
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def init_model_dir(arch: dict[str, Any], tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised causal LM built from ``arch`` (``model_type`` + sizes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(arch)
+    model_type = arch.pop("model_type", "llama")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny world, a tiny base model built by the real builder, launch helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY_CONFIG = REPO / "ds_configs" / "run_cpu_tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(REPO)
+    env["MSL_NO_PROGRESS"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.pop("MSL_FAULT", None)
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a launcher command from the repo root; show the output's tail when it fails."""
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return proc
+
+
+def deepspeed_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    from msl_ds.world import generate_world, write_world
+
+    out = tmp_path_factory.mktemp("world") / "world_tiny"
+    write_world(generate_world("tiny", seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_world, tmp_path_factory) -> Path:
+    """The tiny base model, built once per session by launch/make_base.py on 2 ranks."""
+    out = tmp_path_factory.mktemp("base") / "base_tiny"
+    run(deepspeed_cmd("launch/make_base.py", str(TINY_CONFIG), f"data.dir={tiny_world}", f"base.out_dir={out}"), timeout=900)
+    return out
