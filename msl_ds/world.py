@@ -1,0 +1,641 @@
+"""Synthetic evolving-knowledge world for multi-stage continual fine-tuning.
+
+A *world* is a set of fictional entities (companies, people, cities, products)
+whose attributes are asked about as short questions.  Stage 0 holds the base
+knowledge; each later stage changes a share of the mutable facts (``conflict``
+rows carrying ``previous_answer``) and introduces a few new entities (``new``
+rows).  Facts that never change are collected in ``retain.jsonl`` and a small
+general skill (two-digit addition) learned in stage 0 is probed by
+``general.jsonl``.
+
+Design rules that the trainer and evaluator rely on (all checked in code):
+
+* every fact changes at most once, so earlier stages' test sets stay valid;
+* per relation, no answer is a substring of another answer (case-insensitive),
+  across the whole world, so substring-based scoring is unambiguous;
+* no question contains its answer (or its previous answer);
+* train / valid / test phrasings are disjoint templates and disjoint strings;
+* output is byte-deterministic for a given (size, seed) and written atomically.
+
+Pure Python + stdlib only (no torch), so data generation runs anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+KINDS: tuple[str, ...] = ("base", "general", "conflict", "new", "retain")
+ENTITY_TYPES: tuple[str, ...] = ("company", "person", "city", "product")
+# Short subject-key prefixes used inside row ids (e.g. "co0012").
+TYPE_PREFIX: dict[str, str] = {"company": "co", "person": "pe", "city": "ci", "product": "pr"}
+GENERAL_RELATION = "addition"
+GENERAL_PREFIX = "ad"
+N_COUNTRIES = 6
+
+
+# --------------------------------------------------------------------------- #
+# Schema: relations, phrasings and answer vocabularies
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Relation:
+    """One attribute of an entity type.
+
+    ``value_type`` is an entity type (answer is an entity name), ``"country"``,
+    ``"year"`` (4-digit, drawn from ``years``) or ``"word"`` (drawn from
+    ``vocab``).  ``templates`` are question phrasings with ``{s}`` = subject;
+    they are dealt to splits in order (train first, then valid, then test).
+    Held-out (valid/test) phrasings change the sentence but keep a content word of
+    some train phrasing (e.g. "chief executive", "born", "price band"): a model
+    trained from scratch has no pretraining to tell it that "profession" means
+    "occupation", so a synonym-only phrasing would test vocabulary, not knowledge.
+    """
+
+    name: str
+    entity_type: str
+    mutable: bool
+    value_type: str
+    templates: tuple[str, ...]
+    vocab: tuple[str, ...] = ()
+    years: tuple[int, int] = (0, 0)
+
+
+PRICE_BANDS = ("budget", "economy", "midrange", "premium", "luxury")
+OCCUPATIONS = ("architect", "baker", "pilot", "surgeon", "teacher", "lawyer", "chemist", "sculptor", "sailor", "farmer")
+INDUSTRIES = ("mining", "shipping", "banking", "textiles", "software", "aviation", "brewing", "robotics")
+CATEGORIES = ("headphones", "bicycle", "kettle", "lantern", "scooter", "backpack", "camera", "blender", "telescope", "wristwatch")
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation("chief_executive", "company", True, "person", (
+        "Who is the chief executive of {s}?", "Which person leads {s}?", "{s} is run by which chief executive?",
+        "Who heads {s} as chief executive?",
+        "Name the current chief executive of {s}.", "Who is the chief executive in charge of {s}?")),
+    Relation("headquarters", "company", True, "city", (
+        "In which city is {s} headquartered?", "Where are the headquarters of {s}?", "{s} has its head office in which city?",
+        "Which city hosts the main office of {s}?",
+        "Name the city where {s} has its headquarters.", "What city is home to the headquarters of {s}?")),
+    Relation("founding_year", "company", False, "year", (
+        "In what year was {s} founded?", "When was {s} established?", "{s} was founded in which year?",
+        "What is the founding year of {s}?",
+        "Name the year {s} was founded.", "Which year was {s} established in?"), years=(1850, 1979)),
+    Relation("industry", "company", False, "word", (
+        "Which industry does {s} operate in?", "What sector is {s} part of?", "{s} belongs to which industry?",
+        "What line of business is {s} in, by industry?",
+        "Name the industry of {s}.", "What industry is {s} in?"), vocab=INDUSTRIES),
+    Relation("birth_year", "person", False, "year", (
+        "In what year was {s} born?", "When was {s} born?", "{s} was born in which year?",
+        "What is the birth year of {s}?",
+        "Name the year {s} was born.", "Which year was {s} born in?"), years=(1930, 1999)),
+    Relation("home_city", "person", False, "city", (
+        "In which city did {s} grow up?", "What is the home city of {s}?", "{s} comes from which city?",
+        "Which city does {s} come from originally?",
+        "Name the home city of {s}.", "Which city did {s} grow up in?")),
+    Relation("occupation", "person", True, "word", (
+        "What is the occupation of {s}?", "What does {s} do for a living?", "{s} works in which profession?",
+        "What occupation does {s} work in?",
+        "Name the occupation of {s}.", "Which profession does {s} work in?"), vocab=OCCUPATIONS),
+    Relation("country", "city", False, "country", (
+        "In which country is {s} located?", "{s} lies in which country?", "What country does {s} belong to?",
+        "Which country is {s} part of?",
+        "Name the country that contains {s}.", "{s} is a city in which country?")),
+    Relation("mayor", "city", True, "person", (
+        "Who is the mayor of {s}?", "Which person governs {s} as mayor?", "{s} is led by which mayor?",
+        "Who holds the office of mayor in {s}?",
+        "Name the current mayor of {s}.", "Who serves as mayor of {s}?")),
+    Relation("maker", "product", True, "company", (
+        "Which company makes {s}?", "Who manufactures {s}?", "{s} is produced by which company?",
+        "What company builds {s}?",
+        "Name the company that makes {s}.", "Which company is behind {s}?")),
+    Relation("price_band", "product", True, "word", (
+        "In which price band is {s} sold?", "How is {s} priced?", "{s} falls into which price band?",
+        "What price band does {s} belong to?",
+        "Name the price band of {s}.", "What price band is {s} in?"), vocab=PRICE_BANDS),
+    Relation("launch_year", "product", False, "year", (
+        "In what year was {s} launched?", "When did {s} first go on sale?", "{s} was released in which year?",
+        "What is the launch year of {s}?",
+        "Name the year {s} was launched.", "Which year was {s} launched in?"), years=(1960, 2019)),
+    Relation("category", "product", False, "word", (
+        "What kind of product is {s}?", "What type of item is {s}?", "{s} is what sort of product?",
+        "Which kind of product is {s}?",
+        "Name the kind of product that {s} is.", "{s} is which type of item?"), vocab=CATEGORIES),
+)
+RELATION_BY_NAME: dict[str, Relation] = {r.name: r for r in RELATIONS}
+
+GENERAL_TEMPLATES: tuple[str, ...] = (
+    "What is {a} plus {b}?", "Add {a} and {b}.", "{a} + {b} = ?",
+    "What do you get when you add {a} and {b}?",
+    "Compute the sum of {a} and {b}.", "How much is {a} plus {b}?",
+)
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr", "st")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "", "n", "r", "l", "s", "x")
+
+
+# --------------------------------------------------------------------------- #
+# Sizes and the in-memory world
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class WorldSize:
+    """Size knobs of a world.
+
+    ``entities_per_type`` named entities of each type exist at stage 0 (they
+    are the answer pool for entity-valued relations); the first
+    ``subjects_per_type`` of them also carry facts of their own.  Per update
+    stage, ``change_frac`` of the still-unchanged, unreserved mutable facts
+    change and ``round(new_frac * stage-0 subjects)`` (at least 1) brand-new
+    entities appear with all their relations.  ``retain_frac`` of the stage-0
+    *mutable* facts is reserved up front as never-updated (fixed relations
+    never change anyway).
+    """
+
+    entities_per_type: int
+    subjects_per_type: int
+    change_frac: float = 0.12
+    new_frac: float = 0.05
+    retain_frac: float = 0.25
+    n_general: int = 60
+    n_stages: int = 7
+    n_train_phrasings: int = 3
+    n_valid_phrasings: int = 1
+    n_test_phrasings: int = 2
+
+    def split_indices(self) -> dict[str, list[int]]:
+        """Template indices per split: first train, then valid, then test."""
+        n = (self.n_train_phrasings, self.n_valid_phrasings, self.n_test_phrasings)
+        bounds = [0, n[0], n[0] + n[1], n[0] + n[1] + n[2]]
+        return {s: list(range(bounds[i], bounds[i + 1])) for i, s in enumerate(SPLITS)}
+
+
+SIZES: dict[str, WorldSize] = {
+    # tests: 5 subjects/type * 13 relations = 65 facts -> 195 + 60 stage-0 train lines
+    "tiny": WorldSize(entities_per_type=12, subjects_per_type=5, n_general=20),
+    "small": WorldSize(entities_per_type=24, subjects_per_type=9, n_general=40),
+    # 15 subjects/type * 13 relations = 195 stage-0 facts, 48 names per type
+    "default": WorldSize(entities_per_type=48, subjects_per_type=15, n_general=60),
+}
+
+
+@dataclass
+class World:
+    """A generated world: ``stages[t][split]`` rows, retain/general rows, metadata."""
+
+    stages: list[dict[str, list[dict[str, Any]]]]
+    retain: list[dict[str, Any]]
+    general: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Entity:
+    key: str
+    name: str
+    etype: str
+    introduced: int
+    is_subject: bool
+
+
+@dataclass
+class _Fact:
+    entity: _Entity
+    relation: Relation
+    initial: str
+    introduced: int
+    reserved: bool = False
+    changed_at: int | None = None
+    new_value: str | None = None
+
+    def value_at(self, stage: int) -> str:
+        """Value of the fact as known after training on ``stage``."""
+        if self.changed_at is not None and stage >= self.changed_at:
+            assert self.new_value is not None
+            return self.new_value
+        return self.initial
+
+
+# --------------------------------------------------------------------------- #
+# Generation
+# --------------------------------------------------------------------------- #
+def _resolve_size(size: str | WorldSize) -> tuple[str, WorldSize]:
+    """Map a preset name or explicit WorldSize to (name, WorldSize)."""
+    if isinstance(size, WorldSize):
+        return "custom", size
+    if size not in SIZES:
+        raise ValueError(f"unknown world size {size!r}; choose from {sorted(SIZES)}")
+    return size, SIZES[size]
+
+
+def _n_new_per_stage(ws: WorldSize) -> int:
+    """New entities per update stage (at least one)."""
+    return max(1, round(ws.new_frac * ws.subjects_per_type * len(ENTITY_TYPES)))
+
+
+def _forbidden_fragments() -> tuple[list[str], list[str]]:
+    """Words a name must not clash with: (vocab words, lower-cased template texts).
+
+    A name must neither contain nor be contained in a vocab word (either could
+    put an answer inside a question), and must not occur inside template text.
+    """
+    vocab = [w.lower() for r in RELATIONS for w in r.vocab]
+    texts = [t.lower() for r in RELATIONS for t in r.templates]
+    return vocab, texts
+
+
+def _make_names(rng: random.Random, n: int) -> list[str]:
+    """Draw ``n`` distinct pronounceable names, none a substring of another.
+
+    Why: names are both subjects and answers; substring-freeness keeps
+    substring-based answer matching unambiguous and keeps answers out of
+    questions.
+    """
+    vocab, texts = _forbidden_fragments()
+    names: list[str] = []
+    lowered: list[str] = []
+    for _ in range(200 * n):
+        if len(names) == n:
+            break
+        n_syl = 2 if rng.random() < 0.8 else 3
+        cand = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(n_syl))
+        low = cand.lower()
+        if len(low) < 4 or any(low in o or o in low for o in lowered):
+            continue
+        if any(low in w or w in low for w in vocab) or any(low in t for t in texts):
+            continue
+        names.append(cand.capitalize())
+        lowered.append(low)
+    if len(names) != n:
+        raise RuntimeError(f"could only draw {len(names)} of {n} substring-free names")
+    return names
+
+
+def _make_entities(rng: random.Random, ws: WorldSize) -> tuple[dict[str, list[_Entity]], list[str]]:
+    """Create all entities (stage-0 pool + reserve for later stages) and countries.
+
+    Returns (entities per type in creation order, country names).  Reserved
+    entities get ``introduced = -1`` until a stage picks them.
+    """
+    reserve = ws.n_stages * _n_new_per_stage(ws)
+    per_type = ws.entities_per_type + reserve
+    names = _make_names(rng, per_type * len(ENTITY_TYPES) + N_COUNTRIES)
+    countries = names[:N_COUNTRIES]
+    by_type: dict[str, list[_Entity]] = {}
+    for t_i, etype in enumerate(ENTITY_TYPES):
+        chunk = names[N_COUNTRIES + t_i * per_type: N_COUNTRIES + (t_i + 1) * per_type]
+        by_type[etype] = [
+            _Entity(
+                key=f"{TYPE_PREFIX[etype]}{i:04d}",
+                name=name,
+                etype=etype,
+                introduced=0 if i < ws.entities_per_type else -1,
+                is_subject=i < ws.subjects_per_type,
+            )
+            for i, name in enumerate(chunk)
+        ]
+    return by_type, countries
+
+
+def _alive(by_type: dict[str, list[_Entity]], etype: str, stage: int) -> list[str]:
+    """Names of entities of ``etype`` that exist at ``stage`` (answer pool)."""
+    return [e.name for e in by_type[etype] if 0 <= e.introduced <= stage]
+
+
+def _draw_value(rng: random.Random, rel: Relation, by_type: dict[str, list[_Entity]],
+                countries: list[str], stage: int, exclude: str | None = None) -> str:
+    """Draw a value for ``rel`` at ``stage``, different from ``exclude``."""
+    if rel.value_type == "year":
+        pool = [str(y) for y in range(rel.years[0], rel.years[1] + 1)]
+    elif rel.value_type == "word":
+        pool = list(rel.vocab)
+    elif rel.value_type == "country":
+        pool = list(countries)
+    else:
+        pool = _alive(by_type, rel.value_type, stage)
+    pool = [v for v in pool if v != exclude]
+    if not pool:
+        raise RuntimeError(f"no value available for {rel.name} at stage {stage}")
+    return rng.choice(pool)
+
+
+def _facts_for(rng: random.Random, ent: _Entity, by_type: dict[str, list[_Entity]],
+               countries: list[str], stage: int) -> list[_Fact]:
+    """All facts of one entity (every relation of its type), introduced at ``stage``."""
+    return [
+        _Fact(ent, rel, _draw_value(rng, rel, by_type, countries, stage), stage)
+        for rel in RELATIONS if rel.entity_type == ent.etype
+    ]
+
+
+def _evolve(rng: random.Random, ws: WorldSize, by_type: dict[str, list[_Entity]],
+            countries: list[str]) -> list[_Fact]:
+    """Build stage-0 facts, reserve retained ones, then apply every update stage.
+
+    Mutates facts in place (``changed_at``/``new_value``) and returns all facts
+    in stable order (stage-0 first, then by introduction).
+    """
+    facts: list[_Fact] = []
+    for etype in ENTITY_TYPES:
+        for ent in by_type[etype]:
+            if ent.is_subject:
+                facts.extend(_facts_for(rng, ent, by_type, countries, 0))
+    mutable0 = [f for f in facts if f.relation.mutable]
+    for f in rng.sample(mutable0, round(ws.retain_frac * len(mutable0))):
+        f.reserved = True
+
+    n_new = _n_new_per_stage(ws)
+    for stage in range(1, ws.n_stages + 1):
+        # New entities first, so changed values may point at them.
+        fresh: list[_Entity] = []
+        for _ in range(n_new):
+            etype = rng.choice(ENTITY_TYPES)
+            ent = next(e for e in by_type[etype] if e.introduced == -1)
+            ent.introduced, ent.is_subject = stage, True
+            fresh.append(ent)
+        candidates = [f for f in facts if f.relation.mutable and not f.reserved and f.changed_at is None]
+        n_change = min(len(candidates), max(1, round(ws.change_frac * len(candidates)))) if candidates else 0
+        for f in rng.sample(candidates, n_change):
+            f.changed_at = stage
+            f.new_value = _draw_value(rng, f.relation, by_type, countries, stage, exclude=f.initial)
+        for ent in fresh:
+            facts.extend(_facts_for(rng, ent, by_type, countries, stage))
+    return facts
+
+
+def _make_general(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    """Distinct (a, b) two-digit addends with a + b in 20..99 (answers stay 2-digit)."""
+    pairs = sorted({(a, b) for a in range(10, 90) for b in range(10, 90) if a + b <= 99})
+    if n > len(pairs):
+        raise ValueError(f"n_general={n} exceeds {len(pairs)} possible items")
+    return sorted(rng.sample(pairs, n))
+
+
+# --------------------------------------------------------------------------- #
+# Rows
+# --------------------------------------------------------------------------- #
+def _row(row_id: str, question: str, answer: str, subject: str, relation: str, kind: str,
+         previous: str | None = None) -> dict[str, Any]:
+    """One dataset row in the contract's schema."""
+    row: dict[str, Any] = {"id": row_id, "question": question, "answer": answer,
+                           "subject": subject, "relation": relation, "kind": kind}
+    if previous is not None:
+        row["previous_answer"] = previous
+    return row
+
+
+def _fact_rows(tag: str, fact: _Fact, split: str, idx: list[int], answer: str, kind: str,
+               previous: str | None = None) -> list[dict[str, Any]]:
+    """Rows of one fact for one split: one per phrasing index in ``idx``."""
+    rel, ent = fact.relation, fact.entity
+    return [
+        _row(f"{tag}/{ent.key}/{rel.name}/{split}/p{i}", rel.templates[i].format(s=ent.name),
+             answer, ent.name, rel.name, kind, previous)
+        for i in idx
+    ]
+
+
+def _general_rows(tag: str, pairs: list[tuple[int, int]], split: str, idx: list[int]) -> list[dict[str, Any]]:
+    """Addition-probe rows for one split."""
+    rows = []
+    for k, (a, b) in enumerate(pairs):
+        for i in idx:
+            rows.append(_row(f"{tag}/{GENERAL_PREFIX}{k:04d}/{GENERAL_RELATION}/{split}/p{i}",
+                             GENERAL_TEMPLATES[i].format(a=a, b=b), str(a + b), f"{a}+{b}",
+                             GENERAL_RELATION, "general"))
+    return rows
+
+
+def _fact_sort_key(f: _Fact) -> tuple[str, int]:
+    """Stable fact order: subject key, then relation order."""
+    return f.entity.key, RELATIONS.index(f.relation)
+
+
+def _build_rows(ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]]
+                ) -> tuple[list[dict[str, list[dict]]], list[dict], list[dict]]:
+    """Turn evolved facts into stage files, retain.jsonl and general.jsonl rows."""
+    idx = ws.split_indices()
+    facts = sorted(facts, key=_fact_sort_key)
+    base = [f for f in facts if f.introduced == 0]
+    stage0 = {s: [r for f in base for r in _fact_rows("s00", f, s, idx[s], f.initial, "base")] for s in SPLITS}
+    stage0["train"] += _general_rows("s00", pairs, "train", idx["train"])
+    stages = [stage0]
+    for t in range(1, ws.n_stages + 1):
+        tag = f"s{t:02d}"
+        split_rows: dict[str, list[dict]] = {}
+        for s in SPLITS:
+            rows: list[dict] = []
+            for f in facts:
+                if f.changed_at == t:
+                    rows += _fact_rows(tag, f, s, idx[s], f.value_at(t), "conflict", f.value_at(t - 1))
+                elif f.introduced == t:
+                    rows += _fact_rows(tag, f, s, idx[s], f.initial, "new")
+            split_rows[s] = rows
+        stages.append(split_rows)
+    retain = [r for f in base if f.changed_at is None for r in _fact_rows("retain", f, "test", idx["test"], f.initial, "retain")]
+    general = [r for s in ("valid", "test") for r in _general_rows("general", pairs, s, idx[s])]
+    return stages, retain, general
+
+
+# --------------------------------------------------------------------------- #
+# Validation, statistics, serialisation
+# --------------------------------------------------------------------------- #
+def _all_rows(world: World) -> list[dict[str, Any]]:
+    """Every row of the world (stages, retain, general) in file order."""
+    rows = [r for st in world.stages for s in SPLITS for r in st[s]]
+    return rows + world.retain + world.general
+
+
+def validate_world(world: World) -> None:
+    """Raise ValueError if the world breaks a data-contract invariant.
+
+    Checks: unique ids, valid kinds, conflict rows carry a differing
+    previous_answer, no question contains its (previous) answer, and per
+    relation no answer is a substring of another (case-insensitive).
+    """
+    rows = _all_rows(world)
+    ids = [r["id"] for r in rows]
+    if len(ids) != len(set(ids)):
+        raise ValueError("duplicate row ids")
+    answers: dict[str, set[str]] = {}
+    for r in rows:
+        if r["kind"] not in KINDS:
+            raise ValueError(f"bad kind in {r['id']}")
+        if (r["kind"] == "conflict") != ("previous_answer" in r):
+            raise ValueError(f"previous_answer must be present exactly on conflict rows: {r['id']}")
+        vals = [r["answer"]] + ([r["previous_answer"]] if "previous_answer" in r else [])
+        if r["kind"] == "conflict" and vals[0] == vals[1]:
+            raise ValueError(f"conflict without change: {r['id']}")
+        for v in vals:
+            if v.lower() in r["question"].lower():
+                raise ValueError(f"question contains answer {v!r}: {r['id']}")
+        answers.setdefault(r["relation"], set()).update(vals)
+    for rel, vals in answers.items():
+        low = sorted({v.lower() for v in vals})
+        for a in low:
+            for b in low:
+                if a != b and a in b:
+                    raise ValueError(f"relation {rel}: answer {a!r} is a substring of {b!r}")
+
+
+def world_stats(world: World) -> list[dict[str, int]]:
+    """Per-stage statistics derived from the rows alone.
+
+    ``facts`` = entity facts alive at the stage (stage-0 base + new so far);
+    ``unchanged`` = alive facts not touched in that stage (0 at stage 0, where
+    everything is learned).  Row counts include the general probe in stage 0.
+    """
+    stats: list[dict[str, int]] = []
+    alive: set[tuple[str, str]] = set()
+    for t, st in enumerate(world.stages):
+        keys: dict[str, set[tuple[str, str]]] = {k: set() for k in KINDS}
+        for s in SPLITS:
+            for r in st[s]:
+                keys[r["kind"]].add((r["subject"], r["relation"]))
+        alive |= keys["base"] | keys["new"]
+        touched = len(keys["base"]) + len(keys["conflict"]) + len(keys["new"])
+        stats.append({
+            "stage": t, "facts": len(alive), "base": len(keys["base"]), "conflicts": len(keys["conflict"]),
+            "new": len(keys["new"]), "unchanged": len(alive) - touched, "general": len(keys["general"]),
+            **{f"{s}_rows": len(st[s]) for s in SPLITS},
+        })
+    return stats
+
+
+def _jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """Deterministic JSONL encoding: sorted keys, UTF-8, newline-terminated."""
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def _data_files(world: World) -> dict[str, bytes]:
+    """All data files (everything except world.json) as relative path -> bytes."""
+    files = {f"stage_{t:02d}/{s}.jsonl": _jsonl_bytes(st[s]) for t, st in enumerate(world.stages) for s in SPLITS}
+    files["retain.jsonl"] = _jsonl_bytes(world.retain)
+    files["general.jsonl"] = _jsonl_bytes(world.general)
+    return files
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    """Deterministic encoding of world.json."""
+    return (json.dumps(meta, sort_keys=True, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
+def _relation_meta(ws: WorldSize) -> list[dict[str, Any]]:
+    """Relation list for world.json, including the phrasings of each split."""
+    idx = ws.split_indices()
+    out = [{"name": r.name, "entity_type": r.entity_type, "mutable": r.mutable, "value_type": r.value_type,
+            "templates": {s: [r.templates[i] for i in idx[s]] for s in SPLITS}} for r in RELATIONS]
+    out.append({"name": GENERAL_RELATION, "entity_type": "general", "mutable": False, "value_type": "number",
+                "templates": {s: [GENERAL_TEMPLATES[i] for i in idx[s]] for s in SPLITS}})
+    return out
+
+
+def _check_size(ws: WorldSize) -> None:
+    """Reject sizes the generator cannot honour."""
+    n_phr = ws.n_train_phrasings + ws.n_valid_phrasings + ws.n_test_phrasings
+    if min(ws.n_train_phrasings, ws.n_valid_phrasings, ws.n_test_phrasings) < 1 or n_phr > len(GENERAL_TEMPLATES):
+        raise ValueError(f"phrasings per split must be >= 1 and total <= {len(GENERAL_TEMPLATES)}")
+    if not 1 <= ws.subjects_per_type <= ws.entities_per_type:
+        raise ValueError("need 1 <= subjects_per_type <= entities_per_type")
+    if ws.n_stages < 1:
+        raise ValueError("n_stages must be >= 1")
+    for name in ("change_frac", "new_frac", "retain_frac"):
+        if not 0.0 <= getattr(ws, name) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def generate_world(size: str | WorldSize = "default", seed: int = 0) -> World:
+    """Generate a world in memory (deterministic in ``size`` and ``seed``).
+
+    ``meta["files"]`` already holds the sha256 of every data file as
+    :func:`write_world` will write it.
+    """
+    size_name, ws = _resolve_size(size)
+    _check_size(ws)
+    rng = random.Random(f"msl_ds.world/v{GENERATOR_VERSION}/{seed}")
+    by_type, countries = _make_entities(rng, ws)
+    facts = _evolve(rng, ws, by_type, countries)
+    pairs = _make_general(rng, ws.n_general)
+    stages, retain, general = _build_rows(ws, facts, pairs)
+    world = World(stages=stages, retain=retain, general=general)
+    validate_world(world)
+    world.meta = {
+        "generator": "msl_ds.world", "version": GENERATOR_VERSION, "seed": seed, "size": size_name,
+        "size_params": dataclasses.asdict(ws), "n_stages": ws.n_stages, "countries": countries,
+        "relations": _relation_meta(ws), "stats": world_stats(world),
+        "retain_rows": len(retain), "general_rows": len(general),
+        "files": {p: hashlib.sha256(b).hexdigest() for p, b in sorted(_data_files(world).items())},
+    }
+    logger.info("generated world size=%s seed=%d: %d stages, %d retain rows", size_name, seed,
+                len(stages), len(retain))
+    return world
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write bytes and fsync, so a later rename publishes complete data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_world(world: World, out_dir: str | os.PathLike[str], force: bool = False) -> Path:
+    """Write ``world`` atomically to ``out_dir`` and return its path.
+
+    Files go to ``<out_dir>.tmp-<pid>`` first, ``world.json`` last, then the
+    temp dir is renamed into place; with ``force`` an existing dir is swapped
+    out and removed only after the new one is in place.  A crash therefore
+    never leaves a half-written dir under ``out_dir`` (and a temp dir without
+    ``world.json`` is recognisably incomplete).
+    """
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass force=True to overwrite")
+    files = _data_files(world)
+    expected = world.meta.get("files")
+    if expected is not None and expected != {p: hashlib.sha256(b).hexdigest() for p, b in sorted(files.items())}:
+        raise ValueError("world.meta['files'] checksums do not match the world's rows")
+    meta = dict(world.meta, files={p: hashlib.sha256(b).hexdigest() for p, b in sorted(files.items())})
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    old: Path | None = None
+    try:
+        for rel, data in sorted(files.items()):
+            _write_file(tmp / rel, data)
+        _write_file(tmp / "world.json", _meta_bytes(meta))
+        if out.exists():
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("wrote world to %s (%d files)", out, len(files) + 1)
+    return out
+
+
+def verify_world(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a written world against world.json's checksums; return the metadata.
+
+    Raises FileNotFoundError if world.json is missing (incomplete dir) and
+    ValueError on any checksum mismatch.
+    """
+    out = Path(out_dir)
+    meta = json.loads((out / "world.json").read_text(encoding="utf-8"))
+    for rel, digest in meta["files"].items():
+        if hashlib.sha256((out / rel).read_bytes()).hexdigest() != digest:
+            raise ValueError(f"checksum mismatch for {out / rel}")
+    return meta

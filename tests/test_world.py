@@ -1,0 +1,259 @@
+"""Tests for the synthetic evolving-knowledge world (msl_ds.world), tiny size."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from msl_ds.world import (
+    GENERAL_TEMPLATES,
+    RELATIONS,
+    SIZES,
+    SPLITS,
+    World,
+    WorldSize,
+    generate_world,
+    validate_world,
+    verify_world,
+    world_stats,
+    write_world,
+)
+
+FACT_KINDS = ("base", "conflict", "new")
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return generate_world("tiny", seed=0)
+
+
+def all_rows(w: World) -> list[dict]:
+    return [r for st in w.stages for s in SPLITS for r in st[s]] + w.retain + w.general
+
+
+def split_of(row: dict) -> str:
+    return row["id"].split("/")[3]
+
+
+def read_tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_schema(world: World) -> None:
+    ws = SIZES["tiny"]
+    assert len(world.stages) == ws.n_stages + 1 == 8
+    keys = {"id", "question", "answer", "subject", "relation", "kind"}
+    for r in all_rows(world):
+        assert keys <= set(r) <= keys | {"previous_answer"}
+        assert all(isinstance(r[k], str) and r[k] for k in r)
+    assert sum(1 for r in world.stages[0]["train"] if r["kind"] != "general") <= 300
+    ids = [r["id"] for r in all_rows(world)]
+    assert len(ids) == len(set(ids))
+
+
+def test_stage_contents(world: World) -> None:
+    s0 = world.stages[0]
+    assert {r["kind"] for r in s0["train"]} == {"base", "general"}
+    assert {r["kind"] for r in s0["valid"]} == {r["kind"] for r in s0["test"]} == {"base"}
+    for st in world.stages[1:]:
+        kinds = {r["kind"] for s in SPLITS for r in st[s]}
+        assert kinds <= {"conflict", "new"} and "new" in kinds
+        # Same facts in every split of a stage.
+        facts = [{(r["subject"], r["relation"]) for r in st[s]} for s in SPLITS]
+        assert facts[0] == facts[1] == facts[2]
+    assert {r["kind"] for r in world.retain} == {"retain"}
+    assert {r["kind"] for r in world.general} == {"general"}
+    for rows, split in ((s0["train"], "train"), (s0["valid"], "valid"), (s0["test"], "test")):
+        assert {split_of(r) for r in rows} == {split}
+    assert {split_of(r) for r in world.retain} == {"test"}
+    assert {split_of(r) for r in world.general} == {"valid", "test"}
+
+
+def test_general_skill(world: World) -> None:
+    gen_train = [r for r in world.stages[0]["train"] if r["kind"] == "general"]
+    n = SIZES["tiny"].n_general
+    assert len({r["subject"] for r in gen_train}) == n == len({r["subject"] for r in world.general})
+    for r in gen_train + world.general:
+        a, b = map(int, r["subject"].split("+"))
+        assert r["answer"] == str(a + b) and 10 <= a + b <= 99
+    assert {r["question"] for r in gen_train}.isdisjoint(r["question"] for r in world.general)
+
+
+def test_phrasings_disjoint(world: World) -> None:
+    ws = SIZES["tiny"]
+    idx = ws.split_indices()
+    assert [len(idx[s]) for s in SPLITS] == [3, 1, 2]
+    for rel in RELATIONS:
+        per_split = [{rel.templates[i] for i in idx[s]} for s in SPLITS]
+        assert sum(map(len, per_split)) == len(set().union(*per_split)) == 6
+    assert len(set(GENERAL_TEMPLATES)) == len(GENERAL_TEMPLATES)
+    # As strings: per fact, no question string is shared across splits.
+    by_fact: dict[tuple, dict[str, set[str]]] = {}
+    for r in all_rows(world):
+        by_fact.setdefault((r["subject"], r["relation"]), {s: set() for s in SPLITS})[split_of(r)].add(r["question"])
+    all_q = {s: set() for s in SPLITS}
+    for qs in by_fact.values():
+        for s in SPLITS:
+            all_q[s] |= qs[s]
+    assert all_q["train"].isdisjoint(all_q["valid"])
+    assert all_q["train"].isdisjoint(all_q["test"])
+    assert all_q["valid"].isdisjoint(all_q["test"])
+
+
+def test_answers_unambiguous(world: World) -> None:
+    vals: dict[str, set[str]] = {}
+    for r in all_rows(world):
+        vals.setdefault(r["relation"], set()).update(
+            v.lower() for v in (r["answer"], r.get("previous_answer")) if v)
+        assert r["answer"].lower() not in r["question"].lower()
+    for rel, vs in vals.items():
+        for a in vs:
+            assert not any(a != b and a in b for b in vs), (rel, a)
+    years = [r["answer"] for r in all_rows(world) if r["relation"].endswith("_year")]
+    assert all(re.fullmatch(r"\d{4}", y) for y in years)
+
+
+def test_entity_names_substring_free(world: World) -> None:
+    names = {r["subject"].lower() for r in all_rows(world) if r["kind"] != "general"}
+    names |= {n.lower() for n in world.meta["countries"]}
+    for r in all_rows(world):
+        rel = next((x for x in RELATIONS if x.name == r["relation"]), None)
+        if rel is not None and rel.value_type not in ("year", "word"):
+            names.add(r["answer"].lower())
+    for a in names:
+        assert not any(a != b and a in b for b in names), a
+
+
+def test_conflicts_track_previous_values(world: World) -> None:
+    current = {(r["subject"], r["relation"]): r["answer"] for r in world.stages[0]["test"] if r["kind"] == "base"}
+    changed: dict[tuple, int] = {}
+    n_conflicts = 0
+    for t, st in enumerate(world.stages[1:], start=1):
+        updates: dict[tuple, str] = {}
+        for r in (r for s in SPLITS for r in st[s]):
+            key = (r["subject"], r["relation"])
+            if r["kind"] == "conflict":
+                assert r["previous_answer"] != r["answer"]
+                assert r["previous_answer"] == current[key]
+                assert changed.get(key, t) == t, f"{key} changed twice"
+                assert next(x for x in RELATIONS if x.name == r["relation"]).mutable
+                changed[key] = t
+                n_conflicts += 1
+            else:
+                assert "previous_answer" not in r and key not in current
+            updates[key] = r["answer"]
+        current.update(updates)
+    assert n_conflicts > 0
+    assert len(changed) == sum(s["conflicts"] for s in world_stats(world))
+
+
+def test_retained_facts_never_change(world: World) -> None:
+    retained = {(r["subject"], r["relation"]): r["answer"] for r in world.retain}
+    base = {(r["subject"], r["relation"]): r["answer"] for r in world.stages[0]["test"]}
+    later = {(r["subject"], r["relation"]) for st in world.stages[1:] for s in SPLITS for r in st[s]}
+    assert retained and retained.items() <= base.items()
+    assert later.isdisjoint(retained)
+    # Every stage-0 fact that never changed is retained, including some mutable ones.
+    assert set(base) - later == set(retained)
+    mutable = {x.name for x in RELATIONS if x.mutable}
+    assert any(rel in mutable for _, rel in retained)
+    assert {r["question"] for r in world.retain} <= {r["question"] for r in world.stages[0]["test"]}
+
+
+def test_stats(world: World) -> None:
+    stats = world_stats(world)
+    assert stats[0]["facts"] == stats[0]["base"] == 5 * len(RELATIONS)
+    for prev, cur in zip(stats, stats[1:]):
+        assert cur["facts"] == prev["facts"] + cur["new"]
+        assert cur["unchanged"] == cur["facts"] - cur["conflicts"] - cur["new"]
+        assert cur["train_rows"] == 3 * (cur["conflicts"] + cur["new"])
+    assert world.meta["stats"] == stats
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    a = write_world(generate_world("tiny", seed=3), tmp_path / "a")
+    b = write_world(generate_world("tiny", seed=3), tmp_path / "b")
+    c = write_world(generate_world("tiny", seed=4), tmp_path / "c")
+    assert read_tree(a) == read_tree(b)
+    assert read_tree(a) != read_tree(c)
+    assert read_tree(a).keys() == read_tree(c).keys()
+
+
+def test_written_files_match_world(tmp_path: Path, world: World) -> None:
+    out = write_world(world, tmp_path / "w")
+    meta = verify_world(out)
+    assert meta == json.loads(json.dumps(world.meta))
+    expected = {f"stage_{t:02d}/{s}.jsonl" for t in range(8) for s in SPLITS} | {"retain.jsonl", "general.jsonl"}
+    assert set(meta["files"]) == expected
+    assert set(read_tree(out)) == expected | {"world.json"}
+    for rel, digest in meta["files"].items():
+        data = (out / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest
+        assert data.endswith(b"\n")
+    for t, st in enumerate(world.stages):
+        for s in SPLITS:
+            lines = (out / f"stage_{t:02d}/{s}.jsonl").read_text(encoding="utf-8").splitlines()
+            assert [json.loads(x) for x in lines] == st[s]
+    assert [json.loads(x) for x in (out / "retain.jsonl").read_text().splitlines()] == world.retain
+    assert [json.loads(x) for x in (out / "general.jsonl").read_text().splitlines()] == world.general
+    rels = {r["name"]: r for r in meta["relations"]}
+    assert rels["chief_executive"]["mutable"] and not rels["founding_year"]["mutable"]
+    # Tampering is detected.
+    (out / "retain.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError):
+        verify_world(out)
+
+
+def test_atomic_write_refuses_overwrite(tmp_path: Path, world: World) -> None:
+    out = write_world(world, tmp_path / "w")
+    before = read_tree(out)
+    with pytest.raises(FileExistsError):
+        write_world(generate_world("tiny", seed=1), out)
+    assert read_tree(out) == before
+    write_world(generate_world("tiny", seed=1), out, force=True)
+    assert read_tree(out) != before
+    verify_world(out)
+    # No temp / old dirs are left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_failed_write_leaves_no_dir(tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import msl_ds.world as wmod
+
+    real = wmod._write_file
+
+    def boom(path: Path, data: bytes) -> None:
+        if path.name == "world.json":
+            raise OSError("disk full")
+        real(path, data)
+
+    monkeypatch.setattr(wmod, "_write_file", boom)
+    with pytest.raises(OSError):
+        write_world(world, tmp_path / "w")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_rejects_bad_worlds(world: World) -> None:
+    bad = World(stages=[{s: list(rows) for s, rows in st.items()} for st in world.stages],
+                retain=list(world.retain), general=list(world.general))
+    row = dict(bad.stages[0]["test"][0])
+    bad.stages[0]["test"][0] = dict(row, answer=row["answer"][:3])  # substring of another answer
+    with pytest.raises(ValueError):
+        validate_world(bad)
+
+
+def test_size_presets() -> None:
+    assert {"tiny", "small", "default"} <= set(SIZES)
+    for ws in SIZES.values():
+        assert ws.n_stages == 7
+    d = SIZES["default"]
+    assert 40 <= d.entities_per_type <= 60
+    assert 150 <= d.subjects_per_type * len(RELATIONS) <= 250
+    with pytest.raises(ValueError):
+        generate_world("huge")
+    with pytest.raises(ValueError):
+        generate_world(WorldSize(entities_per_type=3, subjects_per_type=5))
