@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from msl_ds import distributed as D  # noqa: E402
 from msl_ds.config import load_config, load_deepspeed_config  # noqa: E402
-from msl_ds.data import batch_plan, encode_rows, load_world  # noqa: E402
+from msl_ds.data import encode_rows, load_world, stage_plan  # noqa: E402
 from msl_ds.engine import Checkpoints, build_engine  # noqa: E402
 from msl_ds.evaluation import accuracy, evaluate_sets  # noqa: E402
 from msl_ds.generation import GenConfig  # noqa: E402
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += skill_rows(rows, cfg.skills, cfg.run.seed)
     examples = encode_rows(tokenizer, rows, cfg.data.max_seq_len, cfg.data.overlong, f"{cfg.data.dir}/stage_00/train")
     t = cfg.train
-    plan = batch_plan(len(examples), t.micro_batch_size, t.grad_accum, D.world_size(), t.epochs, t.max_steps, cfg.run.seed)
+    plan = stage_plan(examples, t, D.world_size(), cfg.run.seed)
     ds_config = load_deepspeed_config(cfg, D.world_size())
     engine, pad = build_engine(cfg, ds_config, init_dir, len(plan))
     ckpts = Checkpoints(build / "ckpt", 0)

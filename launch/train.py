@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from msl_ds import distributed as D  # noqa: E402
 from msl_ds.config import RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
-from msl_ds.data import batch_plan, encode_rows, load_world, replay_rows  # noqa: E402
+from msl_ds.data import encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
 from msl_ds.engine import Checkpoints, build_engine  # noqa: E402
 from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, outdated_share, transfer  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
@@ -87,8 +87,7 @@ class Recipe:
         prev = self.previous(t)
         sdir = self.stage_dir(t)
         examples = self.training_examples(t)
-        plan = batch_plan(len(examples), self.cfg.train.micro_batch_size, self.cfg.train.grad_accum,
-                          D.world_size(), self.cfg.train.epochs, self.cfg.train.max_steps, self.cfg.run.seed * 1000 + t)
+        plan = stage_plan(examples, self.cfg.train, D.world_size(), self.cfg.run.seed * 1000 + t)
         ds_config = self.stage_ds_config(t)
         engine, pad = build_engine(self.cfg, ds_config, prev["model"], len(plan))
         ckpts = Checkpoints(sdir / "ckpt", t)

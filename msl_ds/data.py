@@ -228,11 +228,15 @@ def encode_rows(tokenizer, rows: list[dict[str, Any]], max_len: int, overlong: s
     return [encode_example(tokenizer, r, max_len, overlong, f"{where} id={r['id']}") for r in rows]
 
 
-def batch_plan(n: int, micro: int, accum: int, world: int, epochs: int, max_steps: int, seed: int) -> list[list[int]]:
+def batch_plan(n: int, micro: int, accum: int, world: int, epochs: int, max_steps: int, seed: int,
+               lengths: list[int] | None = None) -> list[list[int]]:
     """Global batches of example indices for a whole stage, identical on every rank.
 
     Each epoch is a fresh permutation; the last batch of an epoch is filled from the epoch's
     start so every step has full micro-batches. ``max_steps`` > 0 caps (or extends) the stage.
+    With ``lengths``, each window of 16 global batches is sorted by length before it is cut
+    and the batches are then shuffled: rows of similar length share a micro-batch, so less
+    compute goes to padding, while every batch still comes from a random window.
     """
     gb = micro * accum * world
     g = torch.Generator().manual_seed(seed)
@@ -242,12 +246,26 @@ def batch_plan(n: int, micro: int, accum: int, world: int, epochs: int, max_step
         perm = torch.randperm(n, generator=g).tolist()
         per_epoch = -(-n // gb)
         perm = (perm * (-(-gb * per_epoch // n)))[: gb * per_epoch]
-        steps += [perm[i * gb : (i + 1) * gb] for i in range(per_epoch)]
+        batches = [perm[i * gb : (i + 1) * gb] for i in range(per_epoch)]
+        if lengths is not None:
+            window = 16 * gb
+            grouped = [sorted(perm[i : i + window], key=lambda j: lengths[j]) for i in range(0, len(perm), window)]
+            flat = [j for w in grouped for j in w]
+            batches = [flat[i * gb : (i + 1) * gb] for i in range(per_epoch)]
+            batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        steps += batches
         epoch += 1
         if max_steps > 0 and len(steps) >= max_steps:
             return steps[:max_steps]
         if max_steps <= 0 and epoch >= epochs:
             return steps
+
+
+def stage_plan(examples: list["Example"], train, world: int, seed: int) -> list[list[int]]:
+    """The batch plan for ``examples`` under a ``train`` config section."""
+    lengths = [len(e.input_ids) for e in examples] if train.group_by_length else None
+    return batch_plan(len(examples), train.micro_batch_size, train.grad_accum, world, train.epochs,
+                      train.max_steps, seed, lengths)
 
 
 def micro_batches(global_batch: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:

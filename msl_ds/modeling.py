@@ -133,6 +133,11 @@ def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int, seed
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # byte fallback needs the 256 byte pieces besides every character of the corpus
+    floor = 256 + len(set("".join(texts))) + 8
+    if vocab_size < floor:
+        log.warning("vocab_size %d raised to %d (256 byte pieces + the corpus' characters)", vocab_size, floor)
+        vocab_size = floor
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")

@@ -135,8 +135,8 @@ RELATION_BY_NAME: dict[str, Relation] = {r.name: r for r in RELATIONS}
 
 GENERAL_TEMPLATES: tuple[str, ...] = (
     "What is {a} plus {b}?", "Add {a} and {b}.", "{a} + {b} = ?",
-    "What do you get when you add {a} and {b}?",
-    "Compute the sum of {a} and {b}.", "How much is {a} plus {b}?",
+    "What do you get if you add {a} and {b}?",
+    "How much is {a} plus {b}?", "Work out {a} + {b}.",
 )
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr", "st")

@@ -1,0 +1,59 @@
+"""SentencePiece tokenizer built here: round trip, chat template, answer-only labels."""
+
+from __future__ import annotations
+
+import pytest
+
+from msl_ds.data import DataError, encode_example
+from msl_ds.modeling import answer_ids, build_tokenizer, load_tokenizer, prompt_ids
+
+TEXTS = ["Who is the chief executive of Zorvex?", "Kalin Marr", "In which city is Zorvex headquartered?",
+         "Tarvo", "What is 14 plus 41?", "55"] * 30
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    build_tokenizer(TEXTS, d, vocab_size=200)
+    return load_tokenizer(d)
+
+
+@pytest.mark.parametrize("text", ["Who is the chief executive of Zorvex?", "Kalin Marr, 1987.",
+                                  "Unseen wörds & ünïcode: ∑ 42!", "  spaced   out  "])
+def test_tokenizer_round_trips(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids, "empty encoding (the LlamaTokenizer(vocab_file=...) bug)"
+    assert tok.decode(ids) == text.strip() or tok.decode(ids) == text
+
+
+def test_prompt_and_answer_ids(tok):
+    p = prompt_ids(tok, "Who leads Zorvex?")
+    assert p[0] == tok.bos_token_id
+    assert tok.decode(p, skip_special_tokens=True).strip() == "Question: Who leads Zorvex? Answer:"
+    a = answer_ids(tok, "Kalin Marr")
+    assert a[-1] == tok.eos_token_id
+    assert tok.decode(a, skip_special_tokens=True).strip() == "Kalin Marr"
+
+
+def test_labels_cover_answer_only(tok):
+    row = {"id": "x", "question": "Who leads Zorvex?", "answer": "Kalin Marr"}
+    ex = encode_example(tok, row, 64, "error", "f")
+    n_prompt = len(prompt_ids(tok, row["question"]))
+    assert ex.labels[:n_prompt] == [-100] * n_prompt
+    assert ex.labels[n_prompt:] == answer_ids(tok, "Kalin Marr")
+
+
+def test_overlong_rows_error_or_truncate(tok):
+    row = {"id": "long", "question": "Who leads " + "Zorvex " * 40 + "?", "answer": "Kalin Marr"}
+    with pytest.raises(DataError, match="id=long.*data.max_seq_len=32"):
+        encode_example(tok, row, 32, "error", "stage_01/train.jsonl id=long")
+    ex = encode_example(tok, row, 32, "truncate", "f")
+    assert len(ex.input_ids) == 32 and ex.input_ids[0] == tok.bos_token_id
+    assert ex.labels[-len(answer_ids(tok, "Kalin Marr")):] == answer_ids(tok, "Kalin Marr")
+
+
+def test_chat_template_override(tmp_path, tok):
+    d = tmp_path / "t"
+    tok.save_pretrained(str(d))
+    t = load_tokenizer(d, chat_template="{{ bos_token }}{% for m in messages %}Q {{ m['content'] }} A{% endfor %}")
+    assert t.decode(prompt_ids(t, "hi"), skip_special_tokens=True).strip() == "Q hi A"
