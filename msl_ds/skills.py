@@ -47,10 +47,10 @@ def skill_rows(rows: list[dict[str, Any]], cfg: SkillsSection, seed: int = 0) ->
     out: list[dict[str, Any]] = []
     for (subject, relation), phr in by_fact.items():
         questions = sorted({r["question"] for r in phr})
-        for i, q in enumerate(questions):  # paraphrase: every phrasing -> another phrasing
-            other = questions[(i + 1) % len(questions)]
-            if other != q:
-                out.append(_row(f"skill/paraphrase/{subject}/{relation}/{i}", cfg.paraphrase_prompt.format(question=q), other))
+        if len(questions) > 1:  # paraphrase: one phrasing -> another (rotating which, per fact)
+            i = rng.randrange(len(questions))
+            q, other = questions[i], questions[(i + 1) % len(questions)]
+            out.append(_row(f"skill/paraphrase/{subject}/{relation}", cfg.paraphrase_prompt.format(question=q), other))
         siblings = [(rel, ans) for rel, ans in by_subject[subject] if rel != relation]
         if siblings:  # expansion: a question reasoning via a sibling fact, same answer
             rel2, ans2 = rng.choice(siblings)

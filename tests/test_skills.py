@@ -20,9 +20,11 @@ def test_skill_rows_cover_three_skills():
     kinds = {r["id"].split("/")[1] for r in rows}
     assert kinds == {"paraphrase", "expansion", "expanded", "background"}
     para = [r for r in rows if "/paraphrase/" in r["id"]]
-    assert {"question": "Rephrase the question: Who leads Acme?", "answer": "Acme is led by whom?"}.items() <= next(
-        r for r in para if r["question"].endswith("Who leads Acme?")
-    ).items()
+    assert len(para) == 2  # one per fact
+    pairs = {("Who leads Acme?", "Acme is led by whom?"), ("Acme is led by whom?", "Who leads Acme?"),
+             ("Where is Acme based?", "Which city hosts Acme?"), ("Which city hosts Acme?", "Where is Acme based?")}
+    for r in para:
+        assert (r["question"].removeprefix("Rephrase the question: "), r["answer"]) in pairs
     bg = next(r for r in rows if "/background/" in r["id"])
     assert bg["question"] == "Tell me about Acme."
     assert "chief executive of Acme: Ann Lee." in bg["answer"] and "headquarters of Acme: Oslo." in bg["answer"]

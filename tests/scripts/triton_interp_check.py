@@ -1,0 +1,70 @@
+"""Run the Triton kernels of msl_ds.kernels through the Triton interpreter on CPU.
+
+``TRITON_INTERPRET=1`` must be set before ``triton.language`` is imported (its own
+``@triton.jit`` helpers such as ``tl.max`` are decorated at import time), so this runs
+in a fresh process; ``tests/test_kernels.py`` launches it with ``subprocess``.
+
+Usage: python tests/scripts/triton_interp_check.py [--seed S]
+Exit code 0 when every check passes; failures are printed with the seed.
+"""
+
+import argparse
+import os
+import random
+import sys
+import traceback
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/ (for test_kernels helpers)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # repo root
+
+import torch  # noqa: E402
+import triton.language  # noqa: E402,F401  (imported *after* TRITON_INTERPRET=1)
+from test_kernels import check_logprob_fn  # noqa: E402
+
+from msl_ds.kernels import sequence_logprobs  # noqa: E402
+from msl_ds.kernels import triton_logprob as tlp  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    print(f"MSL_TEST_SEED={seed}")
+
+    def small_block(x, t, m, inplace):
+        return tlp.triton_sequence_logprobs(x, t, m, inplace_backward=inplace, block_v=32)
+
+    def via_api(x, t, m, inplace):
+        return sequence_logprobs(x, t, m, backend="triton", inplace_backward=inplace)
+
+    cases = [
+        ("fp32 (3,47,123) block 32", small_block, dict(N=3, T=47, V=123, dtype=torch.float32)),
+        ("bf16 (3,47,123) block 32", small_block, dict(N=3, T=47, V=123, dtype=torch.bfloat16)),
+        ("fp32 in-place (2,9,70)", via_api, dict(N=2, T=9, V=70, dtype=torch.float32, inplace=True)),
+        ("bf16 in-place (2,9,70)", via_api, dict(N=2, T=9, V=70, dtype=torch.bfloat16, inplace=True)),
+        (
+            "bf16 non-contiguous logits[:, :-1] (2,9,70)",
+            via_api,
+            dict(N=2, T=9, V=70, dtype=torch.bfloat16, noncontig=True),
+        ),
+    ]
+    failed = 0
+    for name, fn, kw in cases:
+        try:
+            N, T, V, dtype = kw.pop("N"), kw.pop("T"), kw.pop("V"), kw.pop("dtype")
+            check_logprob_fn(fn, N, T, V, dtype, seed, **kw)
+            print(f"PASS {name}")
+        except Exception:
+            failed += 1
+            print(f"FAIL {name} (seed={seed})")
+            traceback.print_exc()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
