@@ -183,20 +183,17 @@ class Recipe:
 
     def stage_metrics(self, t, prev, before, results, stats, steps, seconds) -> dict[str, Any]:
         matrix = {i: dict(row) for i, row in prev["matrix"].items()}
+        base = {}
         if not matrix:  # row 0: the base model, from the first stage's pre-evaluation
-            base = [r for r in before if r["set"].startswith("stage_")]
-            matrix["0"] = {"0": accuracy(base)}
-            for probe in ("retain", "general"):
-                sub = [r for r in before if r["set"] == probe]
-                if sub:
-                    matrix.setdefault("_base_" + probe, {})["0"] = accuracy(sub)
-        row = {name.split("_")[1].lstrip("0") or "0": accuracy(rs) for name, rs in results.items() if name.startswith("stage_")}
-        matrix[str(t)] = row
-        numeric = {int(i): {int(j): v for j, v in r.items()} for i, r in matrix.items() if not i.startswith("_")}
+            base = {n: accuracy([r for r in before if r["set"] == n]) for n in {r["set"] for r in before} - {"now"}}
+            matrix["0"] = {"0": base["stage_00"]}
+        matrix[str(t)] = {str(int(n.split("_")[1])): accuracy(rs) for n, rs in results.items() if n.startswith("stage_")}
+        numeric = {int(i): {int(j): v for j, v in r.items()} for i, r in matrix.items()}
         now = [r for r in before if r["set"] == "now"]
         mine = results[f"stage_{t:02d}"]
         return {
             "stage": t,
+            **({"base": base} if base else {}),
             **transfer(now, mine),
             **acc_bwt(numeric),
             "retain": accuracy(results["retain"]) if "retain" in results else float("nan"),
@@ -214,9 +211,8 @@ class Recipe:
         step = m["global_step"]
         keys = ("old_acc", "new_acc", "kgr", "krr", "acc", "bwt", "retain", "general", "outdated")
         self.monitor.scalars({f"stage/{k}": m[k] for k in keys}, step)
-        numeric = {i: r for i, r in m["matrix"].items() if not i.startswith("_")}
         if self.cfg.monitor.accuracy_matrix_scalars:
-            self.monitor.accuracy_matrix(numeric, step)
+            self.monitor.accuracy_matrix(m["matrix"], step)
         self.monitor.text("accuracy_matrix", markdown_table([m]), step)
         self.monitor.flush()
         log.info("stage %d: new_acc %.3f kgr %.3f krr %.3f acc %.3f retain %.3f", m["stage"], m["new_acc"],
@@ -239,10 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     recipe = Recipe(load_config(args.config, args.overrides))
     recipe.setup()
-    try:
-        recipe.run()
-    finally:
-        recipe.cleanup()
+    recipe.run()
+    recipe.cleanup()  # on an error the process exits without a barrier the dead rank would hang
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class TrainSection:
     grad_clip: float = 1.0
     save_every_steps: int = 0
     log_every_steps: int = 10
-    group_by_length: bool = True
+    group_by_length: bool = False
 
 
 @dataclass

@@ -162,6 +162,31 @@ def gathered_params(module: torch.nn.Module, modifier_rank: int | None = None) -
         yield
 
 
+def unpartitioned_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A plain copy of a ZeRO-3 partitioned Hugging Face model with full weights on this rank.
+
+    Generating through the engine's own module is unsafe when ranks run different numbers of
+    forward passes: ZeRO-3's hooks release and re-fetch parameters even inside
+    ``GatheredParameters`` (seen with DeepSpeed 0.19.8: gloo "collective mismatch" on uneven
+    shards). A hook-free copy lets every rank generate its own shard independently.
+    """
+    import copy
+
+    dtype = next(module.parameters()).dtype
+    with torch.device(device()):
+        clone = type(module)(copy.deepcopy(module.config)).to(dtype)
+    state: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        ctx = _deepspeed().zero.GatheredParameters([p]) if is_partitioned(p) else contextlib.nullcontext()
+        with ctx:
+            state[name] = p.detach().clone()
+    missing, unexpected = clone.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(clone.config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"unpartitioned copy: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    return clone.eval()
+
+
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on rank 0 (empty elsewhere), gathering one parameter at a time.
 

@@ -1,15 +1,14 @@
 """Generation under ZeRO-3, coordinated by rank 0 (DESIGN.md §3).
 
 Rank 0 fixes the job list and broadcasts it; every rank takes a contiguous shard. When the full
-weights fit (a memory estimate against ``eval.gather_max_gib``), each rank gathers them once and
-generates its shard independently with batching and a KV cache; otherwise every rank steps
+weights fit (a memory estimate against ``eval.gather_max_gib``), each rank gathers them once into
+a hook-free copy and generates its shard independently with batching and a KV cache; otherwise every rank steps
 through ``generate(synced_gpus=True)`` together, gathering parameters layer by layer per token.
 The results are gathered back in job order, so the output does not depend on the world size.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,15 +87,15 @@ def generate(model, tokenizer, pad_id: int | None, questions: list[str], cfg: Ge
         batches += [[]] * (n - len(batches))
     was_training = model.training
     model.eval()
+    gen_model = D.unpartitioned_copy(model) if mode == "gathered" else model
     results: list[tuple[int, list[int]]] = []
-    ctx = D.gathered_params(model) if mode == "gathered" else contextlib.nullcontext()
-    with ctx:
-        for batch in progress(batches, desc=desc):
-            if not batch:  # a synced rank with nothing left still steps with a dummy prompt
-                _generate_batch(model, [jobs[0][1]], pad, eos, cfg, True, cfg.seed)
-                continue
-            outs = _generate_batch(model, [j[1] for j in batch], pad, eos, cfg, mode == "synced", cfg.seed + batch[0][0])
-            results += [(j[0], o) for j, o in zip(batch, outs)]
+    for batch in progress(batches, desc=desc):
+        if not batch:  # a synced rank with nothing left still steps with a dummy prompt
+            _generate_batch(gen_model, [jobs[0][1]], pad, eos, cfg, True, cfg.seed)
+            continue
+        outs = _generate_batch(gen_model, [j[1] for j in batch], pad, eos, cfg, mode == "synced", cfg.seed + batch[0][0])
+        results += [(j[0], o) for j, o in zip(batch, outs)]
+    del gen_model
     model.train(was_training)
     merged = sorted(D.gather_shards(results))
     return [_decode(tokenizer, toks, eos, pad) for _, toks in merged]

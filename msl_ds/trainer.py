@@ -105,7 +105,8 @@ class StageTrainer:
             if self.cfg.save_every_steps and (step + 1) % self.cfg.save_every_steps == 0 and step + 1 < len(self.plan):
                 self.save(step + 1)
         elapsed = time.time() - t0
-        return {"train_steps": len(self.plan), "train_loss": last_loss, "train_tokens": tokens,
+        planned = sum(self._answer_tokens(i) for step in self.plan for i in step)  # the same when resumed
+        return {"train_steps": len(self.plan), "train_loss": last_loss, "train_tokens": planned,
                 "train_seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan")}
 
     def _answer_tokens(self, i: int) -> int:

@@ -428,6 +428,7 @@ def _build_rows(ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]]
     base = [f for f in facts if f.introduced == 0]
     stage0 = {s: [r for f in base for r in _fact_rows("s00", f, s, idx[s], f.initial, "base")] for s in SPLITS}
     stage0["train"] += _general_rows("s00", pairs, "train", idx["train"])
+    stage0["valid"] += _general_rows("s00", pairs, "valid", idx["valid"])  # for tuning, never the probe
     stages = [stage0]
     for t in range(1, ws.n_stages + 1):
         tag = f"s{t:02d}"
@@ -442,7 +443,7 @@ def _build_rows(ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]]
             split_rows[s] = rows
         stages.append(split_rows)
     retain = [r for f in base if f.changed_at is None for r in _fact_rows("retain", f, "test", idx["test"], f.initial, "retain")]
-    general = [r for s in ("valid", "test") for r in _general_rows("general", pairs, s, idx[s])]
+    general = _general_rows("general", pairs, "test", idx["test"])
     return stages, retain, general
 
 

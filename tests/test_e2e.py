@@ -83,9 +83,9 @@ def test_run_completes_with_consistent_metrics(reference):
         assert m["matrix"][str(t)][str(t)] == pytest.approx(m["new_acc"])
         assert sorted(m["matrix"]) [:t + 1] == [str(i) for i in range(t + 1)]
         assert m["train_steps"] > 0 and math.isfinite(m["train_loss"])
-    # the stages learned their new facts (the tiny model memorises 7-21 rows easily)
-    last = json.loads((reference / "stage_03" / "metrics.json").read_text())
-    assert last["new_acc"] >= 0.5, last
+    # stage 1 (21 rows, 16 steps) learned its new facts, on held-out phrasings
+    first = json.loads((reference / "stage_01" / "metrics.json").read_text())
+    assert first["new_acc"] >= 0.5 and first["new_acc"] > first["old_acc"], first
     table = (reference / "metrics.md").read_text()
     assert table.startswith("| stage |") and "Accuracy matrix" in table
 
