@@ -38,6 +38,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check msl_ds launch tests benchmarks
+	$(BIN)/ruff format --check msl_ds launch tests benchmarks
 
 bench: setup
 	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_train_throughput.py

@@ -41,17 +41,24 @@ def setup_model(tmp: Path, hidden: int, layers: int):
     if D.is_rank0():
         texts = [r["question"] for r in rows] + [r["answer"] for r in rows]
         tok = build_tokenizer(texts, tmp / "tok", 1200)
-        arch = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 8 // 3,
-                "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 4,
-                "max_position_embeddings": 128}
+        arch = {
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 8 // 3,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 128,
+        }
         init_model_dir(arch, tok, tmp / "model", seed=0)
     D.barrier()
     return rows, load_tokenizer(tmp / "model")
 
 
 def run_msl(cfg, ds, model_dir, tok, examples, steps: int, warmup: int) -> tuple[float, int]:
-    plan = batch_plan(len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum, D.world_size(), 1,
-                      steps + warmup, seed=0)
+    plan = batch_plan(
+        len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum, D.world_size(), 1, steps + warmup, seed=0
+    )
     engine, pad = build_engine(cfg, ds, model_dir, len(plan))
     trainer = StageTrainer(engine, cfg.train, examples, plan[:warmup], pad, 0, Monitor("", False), lambda s: None)
     trainer.run(0)
@@ -97,14 +104,33 @@ def run_hf_trainer(cfg, ds, model_dir, tok, examples, steps: int, warmup: int, o
                 marks["end"] = time.perf_counter()
 
     ds_hf = {k: v for k, v in ds.items() if k != "tensorboard"}
-    ds_hf.update({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                  "train_batch_size": "auto", "gradient_clipping": "auto"})
+    ds_hf.update(
+        {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "gradient_clipping": "auto",
+        }
+    )
     args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=mb, gradient_accumulation_steps=ga,
-        max_steps=steps + warmup, learning_rate=cfg.train.lr, lr_scheduler_type="cosine", warmup_steps=0,
-        max_grad_norm=cfg.train.grad_clip, deepspeed=ds_hf, report_to=[], save_strategy="no",
-        logging_steps=10**6, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0,
+        output_dir=str(out),
+        per_device_train_batch_size=mb,
+        gradient_accumulation_steps=ga,
+        max_steps=steps + warmup,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=cfg.train.grad_clip,
+        deepspeed=ds_hf,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_drop_last=True,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        seed=0,
+        data_seed=0,
     )
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     pad = tok.pad_token_id
@@ -117,8 +143,9 @@ def run_hf_trainer(cfg, ds, model_dir, tok, examples, steps: int, warmup: int, o
             counted[0] += int(b["attention_mask"].sum())
         return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": _unshift(b["labels"])}
 
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(examples, order), data_collator=collate_fn,
-                      callbacks=[Clock()])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=_Rows(examples, order), data_collator=collate_fn, callbacks=[Clock()]
+    )
     trainer.train()
     return marks["end"] - marks["start"], int(D.all_reduce_sum([counted[0]])[0])
 
@@ -140,7 +167,9 @@ def main() -> None:
     p.add_argument("--ds", default="zero3.json")
     p.add_argument("--local_rank", type=int, default=None)
     a = p.parse_args()
-    cfg = load_config(CONFIG, [f"train.micro_batch_size={a.micro}", f"deepspeed.config={a.ds}", "train.log_every_steps=1000000"])
+    cfg = load_config(
+        CONFIG, [f"train.micro_batch_size={a.micro}", f"deepspeed.config={a.ds}", "train.log_every_steps=1000000"]
+    )
     cfg = dataclasses.replace(cfg)
     D.init("auto")
     set_progress(False)
@@ -150,15 +179,21 @@ def main() -> None:
     examples = encode_rows(tok, rows, 96, "error", "tiny/stage_00")
     results = {}
     results["msl_ds engine"] = run_msl(cfg, ds, tmp / "model", tok, examples, a.steps, a.warmup)
-    results["transformers.Trainer"] = run_hf_trainer(cfg, ds, tmp / "model", tok, examples, a.steps, a.warmup, tmp / "hf")
+    results["transformers.Trainer"] = run_hf_trainer(
+        cfg, ds, tmp / "model", tok, examples, a.steps, a.warmup, tmp / "hf"
+    )
     if D.is_rank0():
         base = results["transformers.Trainer"]
-        print(f"\nTraining throughput, {D.world_size()} ranks, {a.ds}, Llama hidden {a.hidden} x {a.layers} layers, "
-              f"micro-batch {a.micro}, {a.steps} timed steps after {a.warmup} warmup")
+        print(
+            f"\nTraining throughput, {D.world_size()} ranks, {a.ds}, Llama hidden {a.hidden} x {a.layers} layers, "
+            f"micro-batch {a.micro}, {a.steps} timed steps after {a.warmup} warmup"
+        )
         print("| contender | seconds | tokens | tokens/s | ratio vs Trainer |")
         print("|---|---|---|---|---|")
         for name, (sec, tokens) in results.items():
-            print(f"| {name} | {sec:.2f} | {tokens} | {tokens / sec:.0f} | {(tokens / sec) / (base[1] / base[0]):.2f}x |")
+            print(
+                f"| {name} | {sec:.2f} | {tokens} | {tokens / sec:.0f} | {(tokens / sec) / (base[1] / base[0]):.2f}x |"
+            )
         shutil.rmtree(tmp, ignore_errors=True)
     D.shutdown()
 

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     cfg = dataclasses.replace(cfg, train=cfg.base.train)  # the base build has its own schedule
     D.init(cfg.deepspeed.backend, cfg.deepspeed.timeout_s, cfg.deepspeed.threads_per_rank)
-    logging.basicConfig(level=logging.INFO if D.is_rank0() else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if D.is_rank0() else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
     set_progress(cfg.monitor.progress)
     out = Path(cfg.base.out_dir)
     if marker_ok(out):
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     build = out.with_name(out.name + ".build")
     init_dir = build / "init"
     if D.is_rank0() and not (init_dir / "config.json").is_file():
-        tok = build_tokenizer(world_texts(world) + skill_templates(cfg), build / "tokenizer", cfg.base.vocab_size, cfg.run.seed)
+        tok = build_tokenizer(
+            world_texts(world) + skill_templates(cfg), build / "tokenizer", cfg.base.vocab_size, cfg.run.seed
+        )
         tmp = build / "init.tmp"
         init_model_dir(cfg.base.arch, tok, tmp, cfg.run.seed)
         tmp.rename(init_dir)
@@ -88,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     monitor = Monitor(build / "tb", cfg.monitor.tensorboard)
     stats = StageTrainer(engine, t, examples, plan, pad, 0, monitor, save).run(start) if start < len(plan) else {}
-    e = cfg.eval
-    gen = GenConfig(e.max_new_tokens, e.batch_size, False, 1.0, 1.0, e.generation, e.gather_max_gib, cfg.run.seed)
+    gen = dataclasses.replace(GenConfig.from_eval(cfg.eval, cfg.run.seed), do_sample=False)  # greedy: a fixed yardstick
     sets = {"stage_00": world.split(0, cfg.data.eval_split), "general": world.general}
     sets = {k: v for k, v in sets.items() if v}
     results = evaluate_sets(engine.module, tokenizer, pad, sets, gen, "base eval")
@@ -98,12 +101,22 @@ def main(argv: list[str] | None = None) -> None:
     monitor.close()
     if D.is_rank0():
         metrics = {f"{k}_acc": accuracy(v) for k, v in results.items()}
-        metrics.update({"train_rows": len(rows), "skill_rows": len(rows) - len(world.split(0, "train")),
-                        "steps": len(plan), "seconds": time.time() - t0, **{k: v for k, v in stats.items() if k != "train_steps"}})
+        metrics.update(
+            {
+                "train_rows": len(rows),
+                "skill_rows": len(rows) - len(world.split(0, "train")),
+                "steps": len(plan),
+                "seconds": time.time() - t0,
+                **{k: v for k, v in stats.items() if k != "train_steps"},
+            }
+        )
         write_json(out / "base_metrics.json", metrics)
         write_marker(out, ["base_metrics.json", "config.json", "model.safetensors"])
         short = [k for k, v in metrics.items() if k.endswith("_acc") and v < cfg.base.min_accuracy]
-        print(f"base model: {out} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        print(
+            f"base model: {out} "
+            + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        )
         if short:
             print(f"WARNING: {short} below base.min_accuracy={cfg.base.min_accuracy}", flush=True)
     D.shutdown()

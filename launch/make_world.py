@@ -17,8 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msl_ds.world import SIZES, generate_world, world_stats, write_world  # noqa: E402
 
-COLUMNS = ("stage", "facts", "base", "conflicts", "new", "unchanged", "general",
-           "train_rows", "valid_rows", "test_rows")
+COLUMNS = (
+    "stage",
+    "facts",
+    "base",
+    "conflicts",
+    "new",
+    "unchanged",
+    "general",
+    "train_rows",
+    "valid_rows",
+    "test_rows",
+)
 
 
 def stats_table(stats: list[dict[str, int]]) -> str:
@@ -51,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     out = write_world(world, args.out, force=args.force)
     total_s = time.perf_counter() - t0
     print(f"world size={args.size} seed={args.seed} -> {out}")
-    print(f"retain rows: {len(world.retain)}, general rows: {len(world.general)}; "
-          f"generated in {gen_s:.3f}s, written in {total_s - gen_s:.3f}s\n")
+    print(
+        f"retain rows: {len(world.retain)}, general rows: {len(world.general)}; "
+        f"generated in {gen_s:.3f}s, written in {total_s - gen_s:.3f}s\n"
+    )
     print(stats_table(world_stats(world)))
     return 0
 

@@ -44,8 +44,9 @@ class Recipe:
 
     def setup(self) -> None:
         D.init(self.cfg.deepspeed.backend, self.cfg.deepspeed.timeout_s, self.cfg.deepspeed.threads_per_rank)
-        logging.basicConfig(level=logging.INFO if D.is_rank0() else logging.WARNING,
-                            format="%(asctime)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if D.is_rank0() else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+        )
         set_progress(self.cfg.monitor.progress)
         self.ds_config = load_deepspeed_config(self.cfg, D.world_size())
         self.world = load_world(self.cfg.data.dir)  # everything validated before anything is written
@@ -53,15 +54,15 @@ class Recipe:
         missing = [s for s in self.stages if s not in self.world.stages]
         if missing:
             raise SystemExit(f"data.stages: stages {missing} not found in {self.cfg.data.dir}")
-        self.tokenizer = load_tokenizer(self.cfg.model.path, self.cfg.model.chat_template, self.cfg.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            self.cfg.model.path, self.cfg.model.chat_template, self.cfg.model.trust_remote_code
+        )
         if D.is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
             write_text(self.out / "config.yaml", dump_yaml(self.cfg))
         D.barrier()
         self.monitor = Monitor(self.out / "tb" / "msl", self.cfg.monitor.tensorboard)
-        e = self.cfg.eval
-        self.gen = GenConfig(e.max_new_tokens, e.batch_size, e.do_sample, e.temperature, e.top_p,
-                             e.generation, e.gather_max_gib, self.cfg.run.seed)
+        self.gen = GenConfig.from_eval(self.cfg.eval, self.cfg.run.seed)
 
     # ------------------------------------------------------------------ the stage loop
 
@@ -112,6 +113,7 @@ class Recipe:
         results = evaluate_sets(engine.module, self.tokenizer, pad, self.eval_sets(t), self.gen, f"stage {t} eval")
         D.destroy_engine(engine)
         if D.is_rank0():
+            stats = {"train_rows": len(examples), **stats}
             metrics = self.stage_metrics(t, prev, before, results, stats, len(plan), time.time() - t0)
             write_jsonl(sdir / "eval.jsonl", [dict(r, set=n) for n, rs in results.items() for r in rs])
             write_json(sdir / "metrics.json", metrics)
@@ -131,7 +133,11 @@ class Recipe:
         if not earlier:
             return {"model": self.cfg.model.path, "matrix": {}, "global_step": 0}
         m = read_json(self.stage_dir(earlier[-1]) / "metrics.json")
-        return {"model": str(self.stage_dir(earlier[-1]) / "hf"), "matrix": m["matrix"], "global_step": m["global_step"]}
+        return {
+            "model": str(self.stage_dir(earlier[-1]) / "hf"),
+            "matrix": m["matrix"],
+            "global_step": m["global_step"],
+        }
 
     def training_examples(self, t: int):
         rows = list(self.world.split(t, "train"))
@@ -146,7 +152,11 @@ class Recipe:
     def stage_ds_config(self, t: int) -> dict[str, Any]:
         ds = dict(self.ds_config)
         if self.cfg.monitor.tensorboard:
-            ds["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb" / "deepspeed"), "job_name": f"stage_{t:02d}"}
+            ds["tensorboard"] = {
+                "enabled": True,
+                "output_path": str(self.out / "tb" / "deepspeed"),
+                "job_name": f"stage_{t:02d}",
+            }
         return ds
 
     def _limit(self, rows):
@@ -156,8 +166,11 @@ class Recipe:
     def eval_sets(self, t: int) -> dict[str, list[dict[str, Any]]]:
         """Every stage test set seen so far (stage 0 included), plus the fixed probes."""
         split = self.cfg.data.eval_split
-        sets = {f"stage_{j:02d}": self._limit(self.world.split(j, split))
-                for j in sorted(self.world.stages) if j <= t and (j == 0 or j in self.stages)}
+        sets = {
+            f"stage_{j:02d}": self._limit(self.world.split(j, split))
+            for j in sorted(self.world.stages)
+            if j <= t and (j == 0 or j in self.stages)
+        }
         if self.cfg.eval.retain and self.world.retain:
             sets["retain"] = self._limit(self.world.retain)
         if self.cfg.eval.general and self.world.general:
@@ -187,7 +200,9 @@ class Recipe:
         if not matrix:  # row 0: the base model, from the first stage's pre-evaluation
             base = {n: accuracy([r for r in before if r["set"] == n]) for n in {r["set"] for r in before} - {"now"}}
             matrix["0"] = {"0": base["stage_00"]}
-        matrix[str(t)] = {str(int(n.split("_")[1])): accuracy(rs) for n, rs in results.items() if n.startswith("stage_")}
+        matrix[str(t)] = {
+            str(int(n.split("_")[1])): accuracy(rs) for n, rs in results.items() if n.startswith("stage_")
+        }
         numeric = {int(i): {int(j): v for j, v in r.items()} for i, r in matrix.items()}
         now = [r for r in before if r["set"] == "now"]
         mine = results[f"stage_{t:02d}"]
@@ -215,8 +230,15 @@ class Recipe:
             self.monitor.accuracy_matrix(m["matrix"], step)
         self.monitor.text("accuracy_matrix", markdown_table([m]), step)
         self.monitor.flush()
-        log.info("stage %d: new_acc %.3f kgr %.3f krr %.3f acc %.3f retain %.3f", m["stage"], m["new_acc"],
-                 m["kgr"], m["krr"], m["acc"], m["retain"])
+        log.info(
+            "stage %d: new_acc %.3f kgr %.3f krr %.3f acc %.3f retain %.3f",
+            m["stage"],
+            m["new_acc"],
+            m["kgr"],
+            m["krr"],
+            m["acc"],
+            m["retain"],
+        )
 
     def cleanup(self) -> None:
         self.monitor.close()

@@ -359,7 +359,7 @@ def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(
                 f"{path}: '{key}' is {ds[key]} but the run config {cfg.source} implies {value} "
                 f"(train.micro_batch_size={t.micro_batch_size}, train.grad_accum={t.grad_accum}, "
-                f"world size {world_size}); remove it from the DeepSpeed file or set it to \"auto\""
+                f'world size {world_size}); remove it from the DeepSpeed file or set it to "auto"'
             )
         ds[key] = value
     for key in ("optimizer", "scheduler"):

@@ -228,8 +228,9 @@ def encode_rows(tokenizer, rows: list[dict[str, Any]], max_len: int, overlong: s
     return [encode_example(tokenizer, r, max_len, overlong, f"{where} id={r['id']}") for r in rows]
 
 
-def batch_plan(n: int, micro: int, accum: int, world: int, epochs: int, max_steps: int, seed: int,
-               lengths: list[int] | None = None) -> list[list[int]]:
+def batch_plan(
+    n: int, micro: int, accum: int, world: int, epochs: int, max_steps: int, seed: int, lengths: list[int] | None = None
+) -> list[list[int]]:
     """Global batches of example indices for a whole stage, identical on every rank.
 
     Each epoch is a fresh permutation; the last batch of an epoch is filled from the epoch's
@@ -264,8 +265,9 @@ def batch_plan(n: int, micro: int, accum: int, world: int, epochs: int, max_step
 def stage_plan(examples: list["Example"], train, world: int, seed: int) -> list[list[int]]:
     """The batch plan for ``examples`` under a ``train`` config section."""
     lengths = [len(e.input_ids) for e in examples] if train.group_by_length else None
-    return batch_plan(len(examples), train.micro_batch_size, train.grad_accum, world, train.epochs,
-                      train.max_steps, seed, lengths)
+    return batch_plan(
+        len(examples), train.micro_batch_size, train.grad_accum, world, train.epochs, train.max_steps, seed, lengths
+    )
 
 
 def micro_batches(global_batch: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:

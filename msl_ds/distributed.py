@@ -183,7 +183,9 @@ def unpartitioned_copy(module: torch.nn.Module) -> torch.nn.Module:
     missing, unexpected = clone.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(clone.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"unpartitioned copy: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+        raise RuntimeError(
+            f"unpartitioned copy: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
+        )
     return clone.eval()
 
 

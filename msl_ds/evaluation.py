@@ -37,7 +37,9 @@ def score(rows: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> list[dic
     return out
 
 
-def evaluate_sets(model, tokenizer, pad_id, sets: dict[str, list[dict[str, Any]]], cfg: GenConfig, desc: str) -> dict[str, list[dict[str, Any]]]:
+def evaluate_sets(
+    model, tokenizer, pad_id, sets: dict[str, list[dict[str, Any]]], cfg: GenConfig, desc: str
+) -> dict[str, list[dict[str, Any]]]:
     """Generate once over the union of ``sets`` and score each set separately."""
     names = list(sets)
     questions = [r["question"] for n in names for r in sets[n]]

@@ -30,6 +30,13 @@ class GenConfig:
     gather_max_gib: float = 8.0
     seed: int = 0
 
+    @classmethod
+    def from_eval(cls, e, seed: int) -> "GenConfig":
+        """From the run config's ``eval`` section."""
+        return cls(
+            e.max_new_tokens, e.batch_size, e.do_sample, e.temperature, e.top_p, e.generation, e.gather_max_gib, seed
+        )
+
 
 def full_param_bytes(model: torch.nn.Module) -> int:
     """Bytes of the full (unpartitioned) weights."""
@@ -72,7 +79,9 @@ def _generate_batch(model, batch: list[list[int]], pad_id: int, eos_id: int, cfg
     return out[:, T:].tolist()
 
 
-def generate(model, tokenizer, pad_id: int | None, questions: list[str], cfg: GenConfig, desc: str = "generate") -> list[dict[str, Any]]:
+def generate(
+    model, tokenizer, pad_id: int | None, questions: list[str], cfg: GenConfig, desc: str = "generate"
+) -> list[dict[str, Any]]:
     """Answer every question; returns ``[{"text", "finished"}]`` in question order on every rank."""
     questions = D.broadcast_object(questions)  # rank 0's plan is the plan
     pad = pad_id if pad_id is not None else tokenizer.pad_token_id
@@ -93,7 +102,9 @@ def generate(model, tokenizer, pad_id: int | None, questions: list[str], cfg: Ge
         if not batch:  # a synced rank with nothing left still steps with a dummy prompt
             _generate_batch(gen_model, [jobs[0][1]], pad, eos, cfg, True, cfg.seed)
             continue
-        outs = _generate_batch(gen_model, [j[1] for j in batch], pad, eos, cfg, mode == "synced", cfg.seed + batch[0][0])
+        outs = _generate_batch(
+            gen_model, [j[1] for j in batch], pad, eos, cfg, mode == "synced", cfg.seed + batch[0][0]
+        )
         results += [(j[0], o) for j, o in zip(batch, outs)]
     del gen_model
     model.train(was_training)

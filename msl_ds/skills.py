@@ -55,13 +55,20 @@ def skill_rows(rows: list[dict[str, Any]], cfg: SkillsSection, seed: int = 0) ->
         if siblings:  # expansion: a question reasoning via a sibling fact, same answer
             rel2, ans2 = rng.choice(siblings)
             q = questions[0]
-            expanded = cfg.expansion_question.format(relation=relation_words(rel2), subject=subject, answer=ans2, question=q)
+            expanded = cfg.expansion_question.format(
+                relation=relation_words(rel2), subject=subject, answer=ans2, question=q
+            )
             out.append(_row(f"skill/expansion/{subject}/{relation}", cfg.expansion_prompt.format(question=q), expanded))
             out.append(_row(f"skill/expanded/{subject}/{relation}", expanded, phr[0]["answer"]))
     for subject, facts in sorted(by_subject.items()):
         facts = sorted(facts)[: cfg.max_background_facts]
-        out.append(_row(f"skill/background/{subject}", cfg.background_prompt.format(subject=subject),
-                        background_text(subject, facts, cfg)))
+        out.append(
+            _row(
+                f"skill/background/{subject}",
+                cfg.background_prompt.format(subject=subject),
+                background_text(subject, facts, cfg),
+            )
+        )
     return out
 
 

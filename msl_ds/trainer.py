@@ -94,8 +94,7 @@ class StageTrainer:
             total = D.all_reduce_sum([loss_sum])[0] / w  # = global token-mean NLL of the step
             if not math.isfinite(total):
                 raise NonFiniteLossError(
-                    f"stage {self.stage} step {step}: non-finite loss {total}; the last good "
-                    f"checkpoint is left intact"
+                    f"stage {self.stage} step {step}: non-finite loss {total}; the last good checkpoint is left intact"
                 )
             self.engine.step()
             tokens += batch_tokens
@@ -106,8 +105,13 @@ class StageTrainer:
                 self.save(step + 1)
         elapsed = time.time() - t0
         planned = sum(self._answer_tokens(i) for step in self.plan for i in step)  # the same when resumed
-        return {"train_steps": len(self.plan), "train_loss": last_loss, "train_tokens": planned,
-                "train_seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan")}
+        return {
+            "train_steps": len(self.plan),
+            "train_loss": last_loss,
+            "train_tokens": planned,
+            "train_seconds": elapsed,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
+        }
 
     def _answer_tokens(self, i: int) -> int:
         return sum(1 for x in self.examples[i].labels if x != -100)
@@ -118,8 +122,17 @@ class StageTrainer:
         labels = batch["labels"]
         roles = torch.full((labels.shape[0],), ROLE_GOLD, dtype=torch.long, device=labels.device)
         ref = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+        # the logits feed nothing but this loss, so its backward may overwrite them with their
+        # gradient instead of allocating a second [B, T, V] buffer
         loss, _ = preference_loss(
-            out.logits, labels, labels != -100, roles, ref, self.loss_cfg, token_normalizer=normaliser
+            out.logits,
+            labels,
+            labels != -100,
+            roles,
+            ref,
+            self.loss_cfg,
+            token_normalizer=normaliser,
+            inplace_backward=True,
         )
         self.engine.backward(loss)
         # report the un-normalised share of the global mean (what this rank contributed)
@@ -129,8 +142,12 @@ class StageTrainer:
         gs = self.global_step0 + step + 1
         lr = self.engine.get_lr()[0] if hasattr(self.engine, "get_lr") else float("nan")
         gn = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
-        values = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens / max(elapsed, 1e-9),
-                  "train/stage": self.stage}
+        values = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/tokens_per_s": tokens / max(elapsed, 1e-9),
+            "train/stage": self.stage,
+        }
         if gn is not None:
             values["train/grad_norm"] = float(gn)
         self.monitor.scalars(values, gs)

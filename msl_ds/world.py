@@ -75,68 +75,219 @@ class Relation:
 PRICE_BANDS = ("budget", "economy", "midrange", "premium", "luxury")
 OCCUPATIONS = ("architect", "baker", "pilot", "surgeon", "teacher", "lawyer", "chemist", "sculptor", "sailor", "farmer")
 INDUSTRIES = ("mining", "shipping", "banking", "textiles", "software", "aviation", "brewing", "robotics")
-CATEGORIES = ("headphones", "bicycle", "kettle", "lantern", "scooter", "backpack", "camera", "blender", "telescope", "wristwatch")
+CATEGORIES = (
+    "headphones",
+    "bicycle",
+    "kettle",
+    "lantern",
+    "scooter",
+    "backpack",
+    "camera",
+    "blender",
+    "telescope",
+    "wristwatch",
+)
 
 RELATIONS: tuple[Relation, ...] = (
-    Relation("chief_executive", "company", True, "person", (
-        "Who is the chief executive of {s}?", "Which person leads {s}?", "{s} is run by which chief executive?",
-        "Who heads {s} as chief executive?",
-        "Name the current chief executive of {s}.", "Who is the chief executive in charge of {s}?")),
-    Relation("headquarters", "company", True, "city", (
-        "In which city is {s} headquartered?", "Where are the headquarters of {s}?", "{s} has its head office in which city?",
-        "Which city hosts the main office of {s}?",
-        "Name the city where {s} has its headquarters.", "What city is home to the headquarters of {s}?")),
-    Relation("founding_year", "company", False, "year", (
-        "In what year was {s} founded?", "When was {s} established?", "{s} was founded in which year?",
-        "What is the founding year of {s}?",
-        "Name the year {s} was founded.", "Which year was {s} established in?"), years=(1850, 1979)),
-    Relation("industry", "company", False, "word", (
-        "Which industry does {s} operate in?", "What sector is {s} part of?", "{s} belongs to which industry?",
-        "What line of business is {s} in, by industry?",
-        "Name the industry of {s}.", "What industry is {s} in?"), vocab=INDUSTRIES),
-    Relation("birth_year", "person", False, "year", (
-        "In what year was {s} born?", "When was {s} born?", "{s} was born in which year?",
-        "What is the birth year of {s}?",
-        "Name the year {s} was born.", "Which year was {s} born in?"), years=(1930, 1999)),
-    Relation("home_city", "person", False, "city", (
-        "In which city did {s} grow up?", "What is the home city of {s}?", "{s} comes from which city?",
-        "Which city does {s} come from originally?",
-        "Name the home city of {s}.", "Which city did {s} grow up in?")),
-    Relation("occupation", "person", True, "word", (
-        "What is the occupation of {s}?", "What does {s} do for a living?", "{s} works in which profession?",
-        "What occupation does {s} work in?",
-        "Name the occupation of {s}.", "Which profession does {s} work in?"), vocab=OCCUPATIONS),
-    Relation("country", "city", False, "country", (
-        "In which country is {s} located?", "{s} lies in which country?", "What country does {s} belong to?",
-        "Which country is {s} part of?",
-        "Name the country that contains {s}.", "{s} is a city in which country?")),
-    Relation("mayor", "city", True, "person", (
-        "Who is the mayor of {s}?", "Which person governs {s} as mayor?", "{s} is led by which mayor?",
-        "Who holds the office of mayor in {s}?",
-        "Name the current mayor of {s}.", "Who serves as mayor of {s}?")),
-    Relation("maker", "product", True, "company", (
-        "Which company makes {s}?", "Who manufactures {s}?", "{s} is produced by which company?",
-        "What company builds {s}?",
-        "Name the company that makes {s}.", "Which company is behind {s}?")),
-    Relation("price_band", "product", True, "word", (
-        "In which price band is {s} sold?", "How is {s} priced?", "{s} falls into which price band?",
-        "What price band does {s} belong to?",
-        "Name the price band of {s}.", "What price band is {s} in?"), vocab=PRICE_BANDS),
-    Relation("launch_year", "product", False, "year", (
-        "In what year was {s} launched?", "When did {s} first go on sale?", "{s} was released in which year?",
-        "What is the launch year of {s}?",
-        "Name the year {s} was launched.", "Which year was {s} launched in?"), years=(1960, 2019)),
-    Relation("category", "product", False, "word", (
-        "What kind of product is {s}?", "What type of item is {s}?", "{s} is what sort of product?",
-        "Which kind of product is {s}?",
-        "Name the kind of product that {s} is.", "{s} is which type of item?"), vocab=CATEGORIES),
+    Relation(
+        "chief_executive",
+        "company",
+        True,
+        "person",
+        (
+            "Who is the chief executive of {s}?",
+            "Which person leads {s}?",
+            "{s} is run by which chief executive?",
+            "Who heads {s} as chief executive?",
+            "Name the current chief executive of {s}.",
+            "Who is the chief executive in charge of {s}?",
+        ),
+    ),
+    Relation(
+        "headquarters",
+        "company",
+        True,
+        "city",
+        (
+            "In which city is {s} headquartered?",
+            "Where are the headquarters of {s}?",
+            "{s} has its head office in which city?",
+            "Which city hosts the main office of {s}?",
+            "Name the city where {s} has its headquarters.",
+            "What city is home to the headquarters of {s}?",
+        ),
+    ),
+    Relation(
+        "founding_year",
+        "company",
+        False,
+        "year",
+        (
+            "In what year was {s} founded?",
+            "When was {s} established?",
+            "{s} was founded in which year?",
+            "What is the founding year of {s}?",
+            "Name the year {s} was founded.",
+            "Which year was {s} established in?",
+        ),
+        years=(1850, 1979),
+    ),
+    Relation(
+        "industry",
+        "company",
+        False,
+        "word",
+        (
+            "Which industry does {s} operate in?",
+            "What sector is {s} part of?",
+            "{s} belongs to which industry?",
+            "What line of business is {s} in, by industry?",
+            "Name the industry of {s}.",
+            "What industry is {s} in?",
+        ),
+        vocab=INDUSTRIES,
+    ),
+    Relation(
+        "birth_year",
+        "person",
+        False,
+        "year",
+        (
+            "In what year was {s} born?",
+            "When was {s} born?",
+            "{s} was born in which year?",
+            "What is the birth year of {s}?",
+            "Name the year {s} was born.",
+            "Which year was {s} born in?",
+        ),
+        years=(1930, 1999),
+    ),
+    Relation(
+        "home_city",
+        "person",
+        False,
+        "city",
+        (
+            "In which city did {s} grow up?",
+            "What is the home city of {s}?",
+            "{s} comes from which city?",
+            "Which city does {s} come from originally?",
+            "Name the home city of {s}.",
+            "Which city did {s} grow up in?",
+        ),
+    ),
+    Relation(
+        "occupation",
+        "person",
+        True,
+        "word",
+        (
+            "What is the occupation of {s}?",
+            "What does {s} do for a living?",
+            "{s} works in which profession?",
+            "What occupation does {s} work in?",
+            "Name the occupation of {s}.",
+            "Which profession does {s} work in?",
+        ),
+        vocab=OCCUPATIONS,
+    ),
+    Relation(
+        "country",
+        "city",
+        False,
+        "country",
+        (
+            "In which country is {s} located?",
+            "{s} lies in which country?",
+            "What country does {s} belong to?",
+            "Which country is {s} part of?",
+            "Name the country that contains {s}.",
+            "{s} is a city in which country?",
+        ),
+    ),
+    Relation(
+        "mayor",
+        "city",
+        True,
+        "person",
+        (
+            "Who is the mayor of {s}?",
+            "Which person governs {s} as mayor?",
+            "{s} is led by which mayor?",
+            "Who holds the office of mayor in {s}?",
+            "Name the current mayor of {s}.",
+            "Who serves as mayor of {s}?",
+        ),
+    ),
+    Relation(
+        "maker",
+        "product",
+        True,
+        "company",
+        (
+            "Which company makes {s}?",
+            "Who manufactures {s}?",
+            "{s} is produced by which company?",
+            "What company builds {s}?",
+            "Name the company that makes {s}.",
+            "Which company is behind {s}?",
+        ),
+    ),
+    Relation(
+        "price_band",
+        "product",
+        True,
+        "word",
+        (
+            "In which price band is {s} sold?",
+            "How is {s} priced?",
+            "{s} falls into which price band?",
+            "What price band does {s} belong to?",
+            "Name the price band of {s}.",
+            "What price band is {s} in?",
+        ),
+        vocab=PRICE_BANDS,
+    ),
+    Relation(
+        "launch_year",
+        "product",
+        False,
+        "year",
+        (
+            "In what year was {s} launched?",
+            "When did {s} first go on sale?",
+            "{s} was released in which year?",
+            "What is the launch year of {s}?",
+            "Name the year {s} was launched.",
+            "Which year was {s} launched in?",
+        ),
+        years=(1960, 2019),
+    ),
+    Relation(
+        "category",
+        "product",
+        False,
+        "word",
+        (
+            "What kind of product is {s}?",
+            "What type of item is {s}?",
+            "{s} is what sort of product?",
+            "Which kind of product is {s}?",
+            "Name the kind of product that {s} is.",
+            "{s} is which type of item?",
+        ),
+        vocab=CATEGORIES,
+    ),
 )
 RELATION_BY_NAME: dict[str, Relation] = {r.name: r for r in RELATIONS}
 
 GENERAL_TEMPLATES: tuple[str, ...] = (
-    "What is {a} plus {b}?", "Add {a} and {b}.", "{a} + {b} = ?",
+    "What is {a} plus {b}?",
+    "Add {a} and {b}.",
+    "{a} + {b} = ?",
     "What do you get if you add {a} and {b}?",
-    "How much is {a} plus {b}?", "Work out {a} + {b}.",
+    "How much is {a} plus {b}?",
+    "Work out {a} + {b}.",
 )
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr", "st")
@@ -292,7 +443,7 @@ def _make_entities(rng: random.Random, ws: WorldSize) -> tuple[dict[str, list[_E
     countries = names[:N_COUNTRIES]
     by_type: dict[str, list[_Entity]] = {}
     for t_i, etype in enumerate(ENTITY_TYPES):
-        chunk = names[N_COUNTRIES + t_i * per_type: N_COUNTRIES + (t_i + 1) * per_type]
+        chunk = names[N_COUNTRIES + t_i * per_type : N_COUNTRIES + (t_i + 1) * per_type]
         by_type[etype] = [
             _Entity(
                 key=f"{TYPE_PREFIX[etype]}{i:04d}",
@@ -311,8 +462,14 @@ def _alive(by_type: dict[str, list[_Entity]], etype: str, stage: int) -> list[st
     return [e.name for e in by_type[etype] if 0 <= e.introduced <= stage]
 
 
-def _draw_value(rng: random.Random, rel: Relation, by_type: dict[str, list[_Entity]],
-                countries: list[str], stage: int, exclude: str | None = None) -> str:
+def _draw_value(
+    rng: random.Random,
+    rel: Relation,
+    by_type: dict[str, list[_Entity]],
+    countries: list[str],
+    stage: int,
+    exclude: str | None = None,
+) -> str:
     """Draw a value for ``rel`` at ``stage``, different from ``exclude``."""
     if rel.value_type == "year":
         pool = [str(y) for y in range(rel.years[0], rel.years[1] + 1)]
@@ -328,17 +485,18 @@ def _draw_value(rng: random.Random, rel: Relation, by_type: dict[str, list[_Enti
     return rng.choice(pool)
 
 
-def _facts_for(rng: random.Random, ent: _Entity, by_type: dict[str, list[_Entity]],
-               countries: list[str], stage: int) -> list[_Fact]:
+def _facts_for(
+    rng: random.Random, ent: _Entity, by_type: dict[str, list[_Entity]], countries: list[str], stage: int
+) -> list[_Fact]:
     """All facts of one entity (every relation of its type), introduced at ``stage``."""
     return [
         _Fact(ent, rel, _draw_value(rng, rel, by_type, countries, stage), stage)
-        for rel in RELATIONS if rel.entity_type == ent.etype
+        for rel in RELATIONS
+        if rel.entity_type == ent.etype
     ]
 
 
-def _evolve(rng: random.Random, ws: WorldSize, by_type: dict[str, list[_Entity]],
-            countries: list[str]) -> list[_Fact]:
+def _evolve(rng: random.Random, ws: WorldSize, by_type: dict[str, list[_Entity]], countries: list[str]) -> list[_Fact]:
     """Build stage-0 facts, reserve retained ones, then apply every update stage.
 
     Mutates facts in place (``changed_at``/``new_value``) and returns all facts
@@ -383,23 +541,38 @@ def _make_general(rng: random.Random, n: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- #
 # Rows
 # --------------------------------------------------------------------------- #
-def _row(row_id: str, question: str, answer: str, subject: str, relation: str, kind: str,
-         previous: str | None = None) -> dict[str, Any]:
+def _row(
+    row_id: str, question: str, answer: str, subject: str, relation: str, kind: str, previous: str | None = None
+) -> dict[str, Any]:
     """One dataset row in the contract's schema."""
-    row: dict[str, Any] = {"id": row_id, "question": question, "answer": answer,
-                           "subject": subject, "relation": relation, "kind": kind}
+    row: dict[str, Any] = {
+        "id": row_id,
+        "question": question,
+        "answer": answer,
+        "subject": subject,
+        "relation": relation,
+        "kind": kind,
+    }
     if previous is not None:
         row["previous_answer"] = previous
     return row
 
 
-def _fact_rows(tag: str, fact: _Fact, split: str, idx: list[int], answer: str, kind: str,
-               previous: str | None = None) -> list[dict[str, Any]]:
+def _fact_rows(
+    tag: str, fact: _Fact, split: str, idx: list[int], answer: str, kind: str, previous: str | None = None
+) -> list[dict[str, Any]]:
     """Rows of one fact for one split: one per phrasing index in ``idx``."""
     rel, ent = fact.relation, fact.entity
     return [
-        _row(f"{tag}/{ent.key}/{rel.name}/{split}/p{i}", rel.templates[i].format(s=ent.name),
-             answer, ent.name, rel.name, kind, previous)
+        _row(
+            f"{tag}/{ent.key}/{rel.name}/{split}/p{i}",
+            rel.templates[i].format(s=ent.name),
+            answer,
+            ent.name,
+            rel.name,
+            kind,
+            previous,
+        )
         for i in idx
     ]
 
@@ -409,9 +582,16 @@ def _general_rows(tag: str, pairs: list[tuple[int, int]], split: str, idx: list[
     rows = []
     for k, (a, b) in enumerate(pairs):
         for i in idx:
-            rows.append(_row(f"{tag}/{GENERAL_PREFIX}{k:04d}/{GENERAL_RELATION}/{split}/p{i}",
-                             GENERAL_TEMPLATES[i].format(a=a, b=b), str(a + b), f"{a}+{b}",
-                             GENERAL_RELATION, "general"))
+            rows.append(
+                _row(
+                    f"{tag}/{GENERAL_PREFIX}{k:04d}/{GENERAL_RELATION}/{split}/p{i}",
+                    GENERAL_TEMPLATES[i].format(a=a, b=b),
+                    str(a + b),
+                    f"{a}+{b}",
+                    GENERAL_RELATION,
+                    "general",
+                )
+            )
     return rows
 
 
@@ -420,8 +600,9 @@ def _fact_sort_key(f: _Fact) -> tuple[str, int]:
     return f.entity.key, RELATIONS.index(f.relation)
 
 
-def _build_rows(ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]]
-                ) -> tuple[list[dict[str, list[dict]]], list[dict], list[dict]]:
+def _build_rows(
+    ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]]
+) -> tuple[list[dict[str, list[dict]]], list[dict], list[dict]]:
     """Turn evolved facts into stage files, retain.jsonl and general.jsonl rows."""
     idx = ws.split_indices()
     facts = sorted(facts, key=_fact_sort_key)
@@ -442,7 +623,12 @@ def _build_rows(ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]]
                     rows += _fact_rows(tag, f, s, idx[s], f.initial, "new")
             split_rows[s] = rows
         stages.append(split_rows)
-    retain = [r for f in base if f.changed_at is None for r in _fact_rows("retain", f, "test", idx["test"], f.initial, "retain")]
+    retain = [
+        r
+        for f in base
+        if f.changed_at is None
+        for r in _fact_rows("retain", f, "test", idx["test"], f.initial, "retain")
+    ]
     general = _general_rows("general", pairs, "test", idx["test"])
     return stages, retain, general
 
@@ -504,11 +690,18 @@ def world_stats(world: World) -> list[dict[str, int]]:
                 keys[r["kind"]].add((r["subject"], r["relation"]))
         alive |= keys["base"] | keys["new"]
         touched = len(keys["base"]) + len(keys["conflict"]) + len(keys["new"])
-        stats.append({
-            "stage": t, "facts": len(alive), "base": len(keys["base"]), "conflicts": len(keys["conflict"]),
-            "new": len(keys["new"]), "unchanged": len(alive) - touched, "general": len(keys["general"]),
-            **{f"{s}_rows": len(st[s]) for s in SPLITS},
-        })
+        stats.append(
+            {
+                "stage": t,
+                "facts": len(alive),
+                "base": len(keys["base"]),
+                "conflicts": len(keys["conflict"]),
+                "new": len(keys["new"]),
+                "unchanged": len(alive) - touched,
+                "general": len(keys["general"]),
+                **{f"{s}_rows": len(st[s]) for s in SPLITS},
+            }
+        )
     return stats
 
 
@@ -533,10 +726,25 @@ def _meta_bytes(meta: dict[str, Any]) -> bytes:
 def _relation_meta(ws: WorldSize) -> list[dict[str, Any]]:
     """Relation list for world.json, including the phrasings of each split."""
     idx = ws.split_indices()
-    out = [{"name": r.name, "entity_type": r.entity_type, "mutable": r.mutable, "value_type": r.value_type,
-            "templates": {s: [r.templates[i] for i in idx[s]] for s in SPLITS}} for r in RELATIONS]
-    out.append({"name": GENERAL_RELATION, "entity_type": "general", "mutable": False, "value_type": "number",
-                "templates": {s: [GENERAL_TEMPLATES[i] for i in idx[s]] for s in SPLITS}})
+    out = [
+        {
+            "name": r.name,
+            "entity_type": r.entity_type,
+            "mutable": r.mutable,
+            "value_type": r.value_type,
+            "templates": {s: [r.templates[i] for i in idx[s]] for s in SPLITS},
+        }
+        for r in RELATIONS
+    ]
+    out.append(
+        {
+            "name": GENERAL_RELATION,
+            "entity_type": "general",
+            "mutable": False,
+            "value_type": "number",
+            "templates": {s: [GENERAL_TEMPLATES[i] for i in idx[s]] for s in SPLITS},
+        }
+    )
     return out
 
 
@@ -570,14 +778,20 @@ def generate_world(size: str | WorldSize = "default", seed: int = 0) -> World:
     world = World(stages=stages, retain=retain, general=general)
     validate_world(world)
     world.meta = {
-        "generator": "msl_ds.world", "version": GENERATOR_VERSION, "seed": seed, "size": size_name,
-        "size_params": dataclasses.asdict(ws), "n_stages": ws.n_stages, "countries": countries,
-        "relations": _relation_meta(ws), "stats": world_stats(world),
-        "retain_rows": len(retain), "general_rows": len(general),
+        "generator": "msl_ds.world",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "size": size_name,
+        "size_params": dataclasses.asdict(ws),
+        "n_stages": ws.n_stages,
+        "countries": countries,
+        "relations": _relation_meta(ws),
+        "stats": world_stats(world),
+        "retain_rows": len(retain),
+        "general_rows": len(general),
         "files": {p: hashlib.sha256(b).hexdigest() for p, b in sorted(_data_files(world).items())},
     }
-    logger.info("generated world size=%s seed=%d: %d stages, %d retain rows", size_name, seed,
-                len(stages), len(retain))
+    logger.info("generated world size=%s seed=%d: %d stages, %d retain rows", size_name, seed, len(stages), len(retain))
     return world
 
 

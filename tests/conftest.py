@@ -33,7 +33,9 @@ def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a launcher command from the repo root; show the output's tail when it fails."""
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -59,5 +61,8 @@ def tiny_world(tmp_path_factory) -> Path:
 def tiny_base(tiny_world, tmp_path_factory) -> Path:
     """The tiny base model, built once per session by launch/make_base.py on 2 ranks."""
     out = tmp_path_factory.mktemp("base") / "base_tiny"
-    run(deepspeed_cmd("launch/make_base.py", str(TINY_CONFIG), f"data.dir={tiny_world}", f"base.out_dir={out}"), timeout=900)
+    run(
+        deepspeed_cmd("launch/make_base.py", str(TINY_CONFIG), f"data.dir={tiny_world}", f"base.out_dir={out}"),
+        timeout=900,
+    )
     return out

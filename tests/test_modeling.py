@@ -7,8 +7,14 @@ import pytest
 from msl_ds.data import DataError, encode_example
 from msl_ds.modeling import answer_ids, build_tokenizer, load_tokenizer, prompt_ids
 
-TEXTS = ["Who is the chief executive of Zorvex?", "Kalin Marr", "In which city is Zorvex headquartered?",
-         "Tarvo", "What is 14 plus 41?", "55"] * 30
+TEXTS = [
+    "Who is the chief executive of Zorvex?",
+    "Kalin Marr",
+    "In which city is Zorvex headquartered?",
+    "Tarvo",
+    "What is 14 plus 41?",
+    "55",
+] * 30
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +24,10 @@ def tok(tmp_path_factory):
     return load_tokenizer(d)
 
 
-@pytest.mark.parametrize("text", ["Who is the chief executive of Zorvex?", "Kalin Marr, 1987.",
-                                  "Unseen wörds & ünïcode: ∑ 42!", "  spaced   out  "])
+@pytest.mark.parametrize(
+    "text",
+    ["Who is the chief executive of Zorvex?", "Kalin Marr, 1987.", "Unseen wörds & ünïcode: ∑ 42!", "  spaced   out  "],
+)
 def test_tokenizer_round_trips(tok, text):
     ids = tok.encode(text, add_special_tokens=False)
     assert ids, "empty encoding (the LlamaTokenizer(vocab_file=...) bug)"
@@ -49,7 +57,7 @@ def test_overlong_rows_error_or_truncate(tok):
         encode_example(tok, row, 32, "error", "stage_01/train.jsonl id=long")
     ex = encode_example(tok, row, 32, "truncate", "f")
     assert len(ex.input_ids) == 32 and ex.input_ids[0] == tok.bos_token_id
-    assert ex.labels[-len(answer_ids(tok, "Kalin Marr")):] == answer_ids(tok, "Kalin Marr")
+    assert ex.labels[-len(answer_ids(tok, "Kalin Marr")) :] == answer_ids(tok, "Kalin Marr")
 
 
 def test_chat_template_override(tmp_path, tok):

@@ -21,8 +21,12 @@ def test_skill_rows_cover_three_skills():
     assert kinds == {"paraphrase", "expansion", "expanded", "background"}
     para = [r for r in rows if "/paraphrase/" in r["id"]]
     assert len(para) == 2  # one per fact
-    pairs = {("Who leads Acme?", "Acme is led by whom?"), ("Acme is led by whom?", "Who leads Acme?"),
-             ("Where is Acme based?", "Which city hosts Acme?"), ("Which city hosts Acme?", "Where is Acme based?")}
+    pairs = {
+        ("Who leads Acme?", "Acme is led by whom?"),
+        ("Acme is led by whom?", "Who leads Acme?"),
+        ("Where is Acme based?", "Which city hosts Acme?"),
+        ("Which city hosts Acme?", "Where is Acme based?"),
+    }
     for r in para:
         assert (r["question"].removeprefix("Rephrase the question: "), r["answer"]) in pairs
     bg = next(r for r in rows if "/background/" in r["id"])

@@ -108,8 +108,7 @@ def test_phrasings_disjoint(world: World) -> None:
 def test_answers_unambiguous(world: World) -> None:
     vals: dict[str, set[str]] = {}
     for r in all_rows(world):
-        vals.setdefault(r["relation"], set()).update(
-            v.lower() for v in (r["answer"], r.get("previous_answer")) if v)
+        vals.setdefault(r["relation"], set()).update(v.lower() for v in (r["answer"], r.get("previous_answer")) if v)
         assert r["answer"].lower() not in r["question"].lower()
     for rel, vs in vals.items():
         for a in vs:
@@ -239,8 +238,11 @@ def test_failed_write_leaves_no_dir(tmp_path: Path, world: World, monkeypatch: p
 
 
 def test_validate_rejects_bad_worlds(world: World) -> None:
-    bad = World(stages=[{s: list(rows) for s, rows in st.items()} for st in world.stages],
-                retain=list(world.retain), general=list(world.general))
+    bad = World(
+        stages=[{s: list(rows) for s, rows in st.items()} for st in world.stages],
+        retain=list(world.retain),
+        general=list(world.general),
+    )
     row = dict(bad.stages[0]["test"][0])
     bad.stages[0]["test"][0] = dict(row, answer=row["answer"][:3])  # substring of another answer
     with pytest.raises(ValueError):

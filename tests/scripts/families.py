@@ -25,22 +25,47 @@ from msl_ds.modeling import build_tokenizer, export_model, init_model_dir, load_
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHS = {
-    "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
-    "qwen2": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
-    "mistral": {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-                "sliding_window": 32},
+    "llama": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    },
+    "qwen2": {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    },
+    "mistral": {
+        "model_type": "mistral",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "sliding_window": 32,
+    },
 }
-ROWS = [{"id": str(i), "question": f"Who leads company {c}?", "answer": f"Person {c}{c}"} for i, c in enumerate("ABCDEFGH")]
+ROWS = [
+    {"id": str(i), "question": f"Who leads company {c}?", "answer": f"Person {c}{c}"} for i, c in enumerate("ABCDEFGH")
+]
 
 
 def main(report_path: str, work: str) -> None:
     D.init("gloo")
     work_dir = Path(work)
-    cfg = load_config(ROOT / "ds_configs" / "run_cpu_tiny.yaml", ["train.micro_batch_size=4", "train.lr=0.01",
-                                                                  "train.warmup_steps=0", "train.scheduler=constant"])
+    cfg = load_config(
+        ROOT / "ds_configs" / "run_cpu_tiny.yaml",
+        ["train.micro_batch_size=4", "train.lr=0.01", "train.warmup_steps=0", "train.scheduler=constant"],
+    )
     ds = load_deepspeed_config(cfg, D.world_size())
     report = {}
     if D.is_rank0():
@@ -52,8 +77,11 @@ def main(report_path: str, work: str) -> None:
     for name in ARCHS:
         tok = load_tokenizer(work_dir / name / "init")
         engine, pad = build_engine(cfg, ds, work_dir / name / "init", total_steps=10)
-        partitioned = all(D.is_partitioned(p) and p.numel() == 0 for p in engine.module.parameters()
-                          if getattr(p, "ds_numel", 0) > 10**4)
+        partitioned = all(
+            D.is_partitioned(p) and p.numel() == 0
+            for p in engine.module.parameters()
+            if getattr(p, "ds_numel", 0) > 10**4
+        )
         examples = encode_rows(tok, ROWS, 48, "error", "rows")
         mine = examples[D.rank() * 4 : (D.rank() + 1) * 4]
         batch = collate(mine, pad)
@@ -71,10 +99,26 @@ def main(report_path: str, work: str) -> None:
         probe = collate(examples[:2], pad)
         with torch.no_grad(), D.gathered_params(engine.module):
             ref_logits = engine.module(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-        gen_g = generate(engine.module, tok, pad, [r["question"] for r in ROWS], GenConfig(max_new_tokens=6, batch_size=3, mode="gathered"))
-        gen_s = generate(engine.module, tok, pad, [r["question"] for r in ROWS], GenConfig(max_new_tokens=6, batch_size=3, mode="synced"))
-        entry = {"partitioned": partitioned, "losses": losses, "gathered_eq_synced": gen_g == gen_s,
-                 "answers": [g["text"] for g in gen_g]}
+        gen_g = generate(
+            engine.module,
+            tok,
+            pad,
+            [r["question"] for r in ROWS],
+            GenConfig(max_new_tokens=6, batch_size=3, mode="gathered"),
+        )
+        gen_s = generate(
+            engine.module,
+            tok,
+            pad,
+            [r["question"] for r in ROWS],
+            GenConfig(max_new_tokens=6, batch_size=3, mode="synced"),
+        )
+        entry = {
+            "partitioned": partitioned,
+            "losses": losses,
+            "gathered_eq_synced": gen_g == gen_s,
+            "answers": [g["text"] for g in gen_g],
+        }
         if D.is_rank0():
             from transformers import AutoModelForCausalLM
 
