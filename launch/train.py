@@ -104,9 +104,11 @@ class Recipe:
             ckpts.save(engine, step, {"stage": t, "rng": rng_state()})
 
         trainer = StageTrainer(engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"])
-        stats = trainer.run(start) if start < len(plan) else {"train_steps": len(plan)}
         if start < len(plan):
-            save(len(plan))  # the stage-end checkpoint
+            stats = trainer.run(start)
+            ckpts.save(engine, len(plan), {"stage": t, "rng": rng_state(), "stats": stats})  # stage end
+        else:  # killed after training finished: the stage-end checkpoint carries the statistics
+            stats = client["stats"]
         maybe_fault("export", stage=t)
         export_model(engine.module, self.tokenizer, pad, sdir / "hf")
         maybe_fault("eval", stage=t)

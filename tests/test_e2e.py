@@ -143,14 +143,23 @@ def test_tensorboard_events_readable(reference):
     assert ds_events, "DeepSpeed's own monitor wrote no events"
 
 
-def test_resume_after_kill_mid_stage_matches(reference, tiny_world, tiny_base, tmp_path):
+@pytest.mark.parametrize(
+    "fault, pointer_step",
+    [
+        ("train:stage=2:step=3:rank=1", 2),  # a rank dies mid-stage, after the step-2 checkpoint
+        ("export:stage=2:rank=0", None),  # dies after the stage-end checkpoint, before the export
+    ],
+    ids=["mid-training", "before-export"],
+)
+def test_resume_after_kill_matches(reference, tiny_world, tiny_base, tmp_path, fault, pointer_step):
     out = tmp_path / "killed"
     args = run_args(tiny_world, tiny_base, out)
-    # rank 1 dies like a lost node at stage 2, step 3 (after the step-2 checkpoint)
-    proc = run(deepspeed_cmd("launch/train.py", *args), env={"MSL_FAULT": "train:stage=2:step=3:rank=1"}, check=False)
+    proc = run(deepspeed_cmd("launch/train.py", *args), env={"MSL_FAULT": fault}, check=False)
     assert proc.returncode != 0
     assert (out / "stage_01" / "DONE.json").is_file() and not (out / "stage_02" / "DONE.json").exists()
-    assert json.loads((out / "stage_02" / "ckpt" / "LATEST.json").read_text())["step"] == 2
+    latest = json.loads((out / "stage_02" / "ckpt" / "LATEST.json").read_text())["step"]
+    plan_steps = json.loads((reference / "stage_02" / "metrics.json").read_text())["train_steps"]
+    assert latest == (pointer_step if pointer_step is not None else plan_steps)
     stage1 = (out / "stage_01" / "metrics.json").read_text()
     run(deepspeed_cmd("launch/train.py", *args))
     assert (out / "stage_01" / "metrics.json").read_text() == stage1  # finished stage skipped
