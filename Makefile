@@ -9,6 +9,9 @@ CONFIG  ?= ds_configs/run_cpu_default.yaml
 SIZE    ?= default
 WORLD   ?= data/world_$(SIZE)
 TORCH   ?= torch==2.13.0
+# DeepSpeed JIT-builds a C++ op on first launch; keep the build per venv so two checkouts
+# do not rebuild it for each other
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup train world base test test-fast lint bench clean
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import tempfile
@@ -88,6 +89,11 @@ def run_hf_trainer(cfg, ds, model_dir, tok, examples, steps: int, warmup: int, o
     """transformers.Trainer with the same ZeRO-3 JSON; timed between two step callbacks."""
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+    # Same threads per rank as the msl_ds run. Left unset, accelerate picks
+    # physical cores / local ranks from psutil (2 per rank on this 2-core VM): oversubscribed
+    # ranks spinning in gloo made the Trainer 10x slower in a first measurement, which says
+    # nothing about either trainer.
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     w = D.world_size()
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
     plan = batch_plan(len(examples), mb, ga, w, 1, steps + warmup, seed=0)
