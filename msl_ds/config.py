@@ -84,6 +84,32 @@ class ReplaySection:
 
 
 @dataclass
+class PblSection:
+    """Preference-based learning bias (method ``msl``): the probe and the loss weights."""
+
+    enabled: bool = True
+    samples: int = 6
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    batch_size: int = 64
+    tau: float = 0.7
+    embedder: Literal["minilm", "policy", "lexical"] = "minilm"
+    substring_rule: bool = True
+    consistency: float = 0.5
+    max_candidates: int = 0
+    np_scope: Literal["all", "conflict"] = "all"
+    gamma: float = 1.0
+    alpha: float = 0.1
+    beta: float = 0.1
+    form: Literal["raw", "sigmoid"] = "sigmoid"
+    beta_sigmoid: float = 1.0
+    paired: Literal["none", "dpo", "ipo"] = "none"
+    paired_weight: float = 0.1
+    paired_beta: float = 0.1
+
+
+@dataclass
 class EvalSection:
     batch_size: int = 64
     max_new_tokens: int = 16
@@ -131,6 +157,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     train: TrainSection = field(default_factory=TrainSection)
     replay: ReplaySection = field(default_factory=ReplaySection)
+    pbl: PblSection = field(default_factory=PblSection)
     eval: EvalSection = field(default_factory=EvalSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
     skills: SkillsSection = field(default_factory=SkillsSection)
@@ -314,6 +341,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.source}: data.max_seq_len must be >= 4")
     if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1:
         raise ConfigError(f"{cfg.source}: eval.batch_size and eval.max_new_tokens must be >= 1")
+    b = cfg.pbl
+    if b.samples < 1 or b.batch_size < 1 or b.max_new_tokens < 1:
+        raise ConfigError(f"{cfg.source}: pbl.samples, pbl.batch_size and pbl.max_new_tokens must be >= 1")
+    if not 0.0 <= b.consistency <= 1.0 or not -1.0 <= b.tau <= 1.0:
+        raise ConfigError(f"{cfg.source}: pbl.consistency must lie in [0, 1] and pbl.tau in [-1, 1]")
+    if b.paired != "none" and b.paired_beta <= 0:
+        raise ConfigError(f"{cfg.source}: pbl.paired_beta must be > 0")
 
 
 # --------------------------------------------------------------------------- DeepSpeed JSON

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD
 from msl_ds.modeling import answer_ids, prompt_ids
 
 OPTIONAL_FIELDS = ("id", "subject", "relation", "previous_answer", "kind")
@@ -206,9 +207,21 @@ def replay_rows(world: World, stage: int, n: int, max_buffer: int, seed: int) ->
 
 @dataclass
 class Example:
+    """One training row, or a *group*: a prompt's gold answer with its probed candidates.
+
+    A plain row is a group of one. Batches are planned over groups, so a prompt's candidates
+    always share a micro-batch with its gold answer (paired losses need both).
+    """
+
     input_ids: list[int]
     labels: list[int]  # -100 on prompt tokens: loss on answer tokens only
     row: dict[str, Any]
+    role: int = ROLE_GOLD  # the loss role (msl_ds.kernels ROLE_*)
+    ref_logp: float = 0.0  # log pi_ref(answer | prompt), stored by the probe
+    candidates: list["Example"] = field(default_factory=list)
+
+    def rows(self) -> list["Example"]:
+        return [self, *self.candidates]
 
 
 def encode_example(tokenizer, row: dict[str, Any], max_len: int, overlong: str, where: str) -> Example:
@@ -287,3 +300,19 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, : L - 1] = torch.tensor(e.labels[1:])  # position t predicts token t+1
         attn[i, :L] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def flatten(groups: list[Example]) -> tuple[list[Example], list[int], list[int]]:
+    """A micro-batch of groups as rows, plus (gold, conflicting candidate) pair indices."""
+    rows: list[Example] = []
+    chosen: list[int] = []
+    rejected: list[int] = []
+    for g in groups:
+        gold = len(rows)
+        rows.append(g)
+        for c in g.candidates:
+            if c.role == ROLE_CONFLICT and g.role == ROLE_GOLD:
+                chosen.append(gold)
+                rejected.append(len(rows))
+            rows.append(c)
+    return rows, chosen, rejected

@@ -3,11 +3,14 @@
 The batch plan is computed identically on every rank (see ``data.batch_plan``), so resuming is
 "skip the first ``step`` global batches"; the loss is normalised by the global number of answer
 tokens of each optimizer step, so the gradient does not depend on how the batch is split into
-micro-batches, accumulation steps and ranks.
+micro-batches, accumulation steps and ranks. Examples may be groups (a gold answer with probed
+candidates, method ``msl``): a micro-batch of groups is flattened into rows, and each preference
+term is rescaled by its rows' share of the step's global count, so it too is a global mean.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -20,9 +23,9 @@ import torch
 
 from msl_ds import distributed as D
 from msl_ds.config import TrainSection
-from msl_ds.data import Example, collate, micro_batches
+from msl_ds.data import Example, collate, flatten, micro_batches
 from msl_ds.fault import maybe_fault
-from msl_ds.kernels import ROLE_GOLD, LossConfig, preference_loss
+from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, LossConfig, preference_loss
 from msl_ds.monitor import Monitor, progress
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,35 @@ def lr_lambda(cfg: TrainSection, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+# preference terms, with the count their per-micro-batch mean is taken over
+TERMS = {"pp": "aligned", "np": "conflict", "dpo": "pairs", "ipo": "pairs"}
+# what one step accumulates across micro-batches and ranks (margin sums and row counts, term sums)
+TALLY = ("loss", "r_aligned", "aligned", "r_conflict", "conflict", "pairs", *(f"loss_{t}" for t in TERMS))
+
+
+def group_counts(groups: list[Example]) -> dict[str, int]:
+    """Aligned rows, conflicting rows and (gold, conflict) pairs in ``groups``."""
+    rows, chosen, _ = flatten(groups)
+    return {
+        "aligned": sum(r.role == ROLE_ALIGNED for r in rows),
+        "conflict": sum(r.role == ROLE_CONFLICT for r in rows),
+        "pairs": len(chosen),
+    }
+
+
+def scaled_loss_config(cfg: LossConfig, local: dict[str, int], total: dict[str, int], scale: float) -> LossConfig:
+    """Per-micro-batch weights that turn the kernel's local means into the step's global means.
+
+    The kernel averages each preference term over the micro-batch's own rows; weighting it by
+    local/global count (times ``scale`` = ranks x accumulation, which the engine divides back out)
+    gives the same gradient however the step's groups are split.
+    """
+    if not any(getattr(cfg, t) for t in TERMS):
+        return cfg
+    w = {t: getattr(cfg, t) * local[c] / total[c] * scale if total[c] else 0.0 for t, c in TERMS.items()}
+    return dataclasses.replace(cfg, **w)
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -76,29 +108,34 @@ class StageTrainer:
     global_step0: int = 0
     loss_cfg: LossConfig = field(default_factory=LossConfig)
     history: list[dict[str, float]] = field(default_factory=list)
+    _window: list[dict[str, float]] = field(default_factory=list)
 
     def run(self, start_step: int = 0) -> dict[str, float]:
         """Train from ``start_step`` to the end of the plan; returns summary statistics."""
         w, r = D.world_size(), D.rank()
         t0, tokens, last_loss = time.time(), 0, float("nan")
+        last: list[dict[str, float]] = []  # the final step's tally: its margins go to the stage metrics
         steps = range(start_step, len(self.plan))
         for step in progress(steps, desc=f"stage {self.stage} train", total=len(steps)):
             maybe_fault("train", stage=self.stage, step=step)
             mbs = micro_batches(self.plan[step], self.cfg.micro_batch_size, self.cfg.grad_accum, w, r)
             batch_tokens = sum(self._answer_tokens(i) for i in self.plan[step])
             normaliser = batch_tokens / (w * self.cfg.grad_accum)
-            loss_sum = 0.0
+            counts = group_counts([self.examples[i] for i in self.plan[step]])
+            tally = dict.fromkeys(TALLY, 0.0)
             for mb in mbs:
-                loss = self._micro_step([self.examples[i] for i in mb], normaliser)
-                loss_sum += float(loss)
-            total = D.all_reduce_sum([loss_sum])[0] / w  # = global token-mean NLL of the step
+                for k, v in self._micro_step([self.examples[i] for i in mb], normaliser, counts).items():
+                    tally[k] += v
+            tally = dict(zip(TALLY, D.all_reduce_sum([tally[k] for k in TALLY])))
+            total = tally["loss"] / w  # = global token-mean NLL of the step (+ preference terms)
             if not math.isfinite(total):
                 raise NonFiniteLossError(
                     f"stage {self.stage} step {step}: non-finite loss {total}; the last good checkpoint is left intact"
                 )
             self.engine.step()
             tokens += batch_tokens
-            last_loss = total
+            last_loss, last = total, [tally]
+            self._window.append(tally)
             if (step + 1) % self.cfg.log_every_steps == 0 or step + 1 == len(self.plan):
                 self._log(step, total, tokens, time.time() - t0)
             if self.cfg.save_every_steps and (step + 1) % self.cfg.save_every_steps == 0 and step + 1 < len(self.plan):
@@ -111,32 +148,50 @@ class StageTrainer:
             "train_tokens": planned,
             "train_seconds": elapsed,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
+            **self._pbl_values(last, prefix=""),
         }
 
     def _answer_tokens(self, i: int) -> int:
+        """Gold answer tokens of example ``i`` (a group's candidates do not count)."""
         return sum(1 for x in self.examples[i].labels if x != -100)
 
-    def _micro_step(self, examples: list[Example], normaliser: float) -> float:
-        batch = {k: v.to(D.device()) for k, v in collate(examples, self.pad_id).items()}
+    def _micro_step(self, groups: list[Example], normaliser: float, counts: dict[str, int]) -> dict[str, float]:
+        rows, chosen, rejected = flatten(groups)
+        batch = {k: v.to(D.device()) for k, v in collate(rows, self.pad_id).items()}
         out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         labels = batch["labels"]
-        roles = torch.full((labels.shape[0],), ROLE_GOLD, dtype=torch.long, device=labels.device)
-        ref = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+        roles = torch.tensor([x.role for x in rows], dtype=torch.long, device=labels.device)
+        ref = torch.tensor([x.ref_logp for x in rows], dtype=torch.float32, device=labels.device)
+        local = group_counts(groups)
+        cfg = scaled_loss_config(self.loss_cfg, local, counts, D.world_size() * self.cfg.grad_accum)
+        pairs = {}
+        if cfg.needs_pairs():
+            pairs = {
+                "chosen_idx": torch.tensor(chosen, dtype=torch.long),
+                "rejected_idx": torch.tensor(rejected, dtype=torch.long),
+            }
         # the logits feed nothing but this loss, so its backward may overwrite them with their
         # gradient instead of allocating a second [B, T, V] buffer
-        loss, _ = preference_loss(
+        loss, metrics = preference_loss(
             out.logits,
             labels,
             labels != -100,
             roles,
             ref,
-            self.loss_cfg,
+            cfg,
             token_normalizer=normaliser,
             inplace_backward=True,
+            **pairs,
         )
         self.engine.backward(loss)
         # report the un-normalised share of the global mean (what this rank contributed)
-        return loss.detach().item() / self.cfg.grad_accum
+        margin = (metrics["logps"].float() - ref).cpu()
+        tally = {"loss": loss.detach().item() / self.cfg.grad_accum, **{k: float(v) for k, v in local.items()}}
+        for name, role in (("aligned", ROLE_ALIGNED), ("conflict", ROLE_CONFLICT)):
+            tally[f"r_{name}"] = float(margin[roles.cpu() == role].sum())
+        for t, c in TERMS.items():
+            tally[f"loss_{t}"] = float(metrics.get(f"loss/{t}", 0.0)) * local[c]
+        return tally
 
     def _log(self, step: int, loss: float, tokens: int, elapsed: float) -> None:
         gs = self.global_step0 + step + 1
@@ -150,6 +205,20 @@ class StageTrainer:
         }
         if gn is not None:
             values["train/grad_norm"] = float(gn)
+        values.update(self._pbl_values(self._window))
+        self._window = []
         self.monitor.scalars(values, gs)
         self.history.append({"step": step + 1, **{k.split("/")[1]: v for k, v in values.items()}})
         log.info("stage %d step %d/%d loss %.4f lr %.2e", self.stage, step + 1, len(self.plan), loss, lr)
+
+    def _pbl_values(self, tallies: list[dict[str, float]], prefix: str = "train/") -> dict[str, float]:
+        """Mean log-ratio margins and preference-term values over ``tallies`` (steps)."""
+        win = {k: sum(t[k] for t in tallies) for k in TALLY}
+        values = {}
+        for name in ("aligned", "conflict"):
+            if win[name]:
+                values[f"{prefix}margin_{name}"] = win[f"r_{name}"] / win[name]
+        for t, c in TERMS.items():
+            if getattr(self.loss_cfg, t) and win[c]:
+                values[f"{prefix}loss_{t}"] = win[f"loss_{t}"] / win[c]
+        return values

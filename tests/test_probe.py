@@ -1,0 +1,92 @@
+"""Method msl end to end: probe, PBL training, metrics; the probe does not depend on the rank count.
+
+One stage of the tiny world under ``deepspeed --num_gpus 2``; then the same probe on one rank
+(tests/scripts/probe_ranks.py) must reproduce the run's ``probe.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import TINY_CONFIG, deepspeed_cmd, run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+
+# one thread per rank on both launches: a different thread count may change float sums
+COMMON = ["deepspeed.threads_per_rank=1", "pbl.embedder=minilm"]
+
+
+@pytest.fixture(scope="module")
+def msl_run(tiny_world, tiny_base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "msl"
+    args = [
+        str(TINY_CONFIG),
+        f"data.dir={tiny_world}",
+        f"model.path={tiny_base}",
+        f"run.output_dir={out}",
+        "run.method=msl",
+        "data.stages=[1]",
+        "data.eval_limit=40",
+        "train.log_every_steps=2",
+        *COMMON,
+    ]
+    run(deepspeed_cmd("launch/train.py", *args))
+    return out
+
+
+def test_msl_stage_writes_probe_and_pbl_metrics(msl_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from msl_ds.io import marker_ok, read_json, read_jsonl
+
+    sdir = msl_run / "stage_01"
+    assert marker_ok(sdir) and "probe.jsonl" in read_json(sdir / "DONE.json")["files"]
+    probed = read_jsonl(sdir / "probe.jsonl")
+    assert probed and all("ref_logp" in c for r in probed for c in r["candidates"])
+    m = read_json(sdir / "metrics.json")
+    for k in ("probe_known", "probe_conflict", "probe_unknown", "probe_aligned", "probe_conflicting"):
+        assert k in m, k
+    assert m["probe_known"] + m["probe_conflict"] + m["probe_unknown"] == m["train_rows"]
+    # L_NP pushed the conflicting candidates below the stage-start reference
+    assert m["probe_conflicting"] > 0 and m["margin_conflict"] < -1.0, m
+    acc = EventAccumulator(str(msl_run / "tb" / "msl"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/margin_conflict", "train/loss_np", "probe/conflict_recall", "probe/conflict", "stage/new_acc"):
+        assert tag in tags, (tag, sorted(tags))
+    margins = [e.value for e in acc.Scalars("train/margin_conflict")]
+    assert margins[-1] < margins[0], margins
+
+
+def test_probe_finds_the_planted_conflicts(msl_run):
+    """Every fact whose old answer the model still gives is labelled a conflict (see README for precision)."""
+    from msl_ds.io import read_json
+
+    m = read_json(msl_run / "stage_01" / "metrics.json")
+    assert m["probe_oracle_conflicts"] >= 6, m  # the base model holds the stage's previous answers
+    assert m["conflict_recall"] >= 0.9, m
+    # each detected conflict with an oracle is a true one: errors are only on facts without a
+    # previous answer (new entities the tiny model answers confidently and wrongly)
+    probed = [json.loads(x) for x in (msl_run / "stage_01" / "probe.jsonl").read_text().splitlines()]
+    changed = [r for r in probed if "previous_answer" in r]
+    assert all(r["oracle_conflict"] == (r["label"] == "conflict") for r in changed)
+
+
+def test_probe_same_on_one_and_two_ranks(msl_run, tiny_world, tiny_base, tmp_path):
+    from msl_ds.io import read_jsonl
+
+    out = tmp_path / "probe_1rank.json"
+    args = [str(out), "1", str(TINY_CONFIG), f"data.dir={tiny_world}", f"model.path={tiny_base}", *COMMON]
+    run(deepspeed_cmd("tests/scripts/probe_ranks.py", *args, nproc=1))
+    one = json.loads(out.read_text())["probe"]
+    two = read_jsonl(msl_run / "stage_01" / "probe.jsonl")
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert (a["greedy"], a["samples"], a["label"]) == (b["greedy"], b["samples"], b["label"]), a["id"]
+        assert [(c["text"], c["role"]) for c in a["candidates"]] == [(c["text"], c["role"]) for c in b["candidates"]]
+        refs = [a["ref_logp"]] + [c["ref_logp"] for c in a["candidates"]]
+        want = [b["ref_logp"]] + [c["ref_logp"] for c in b["candidates"]]
+        assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-5) for x, y in zip(refs, want)), (refs, want)
