@@ -75,6 +75,7 @@ class TrainSection:
     save_every_steps: int = 0
     log_every_steps: int = 10
     group_by_length: bool = False
+    on_nonfinite: Literal["error", "skip"] = "error"
 
 
 @dataclass

@@ -245,6 +245,44 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str) -> dict[str, Any]:
     return client_state or {}
 
 
+def set_accumulation_boundary(engine, last: bool) -> None:
+    """Say whether the next backward closes the gradient-accumulation window.
+
+    msl_ds calls ``engine.step()`` once per global batch, after all of its micro-batches;
+    DeepSpeed otherwise counts one micro-step per ``step()`` call and, with
+    ``gradient_accumulation_steps`` > 1, would update only on every that-many-th call.
+    """
+    if hasattr(engine, "set_gradient_accumulation_boundary"):
+        engine.set_gradient_accumulation_boundary(last)
+
+
+def step_applied(engine) -> bool:
+    """Whether the last ``engine.step()`` changed the weights.
+
+    ZeRO (stages 1-3, any precision in DeepSpeed 0.19) skips the update when the global gradient
+    norm is not finite; fp16 loss scaling skips on overflow.
+    """
+    applied = getattr(engine, "was_step_applied", None)
+    return bool(applied()) if applied is not None else True
+
+
+def grad_norm(engine) -> float | None:
+    """The global gradient norm of the last step (``inf`` after a skipped one), if known."""
+    get = getattr(engine, "get_global_grad_norm", None)
+    norm = get() if get is not None else None
+    return None if norm is None else float(norm)
+
+
+def fp16_enabled(engine) -> bool:
+    enabled = getattr(engine, "fp16_enabled", None)
+    return bool(enabled()) if enabled is not None else False
+
+
+def skipped_steps(engine, default: int) -> int:
+    """Steps DeepSpeed skipped on this engine (restored with its checkpoint)."""
+    return int(getattr(engine, "skipped_steps", default))
+
+
 def destroy_engine(engine) -> None:
     """Release an engine's partitions and hooks before the next stage builds its own."""
     if engine is not None and hasattr(engine, "destroy"):

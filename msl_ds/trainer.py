@@ -113,7 +113,7 @@ class StageTrainer:
     def run(self, start_step: int = 0) -> dict[str, float]:
         """Train from ``start_step`` to the end of the plan; returns summary statistics."""
         w, r = D.world_size(), D.rank()
-        t0, tokens, last_loss = time.time(), 0, float("nan")
+        t0, tokens, last_loss, skipped = time.time(), 0, float("nan"), 0
         last: list[dict[str, float]] = []  # the final step's tally: its margins go to the stage metrics
         steps = range(start_step, len(self.plan))
         for step in progress(steps, desc=f"stage {self.stage} train", total=len(steps)):
@@ -123,19 +123,24 @@ class StageTrainer:
             normaliser = batch_tokens / (w * self.cfg.grad_accum)
             counts = group_counts([self.examples[i] for i in self.plan[step]])
             tally = dict.fromkeys(TALLY, 0.0)
-            for mb in mbs:
-                for k, v in self._micro_step([self.examples[i] for i in mb], normaliser, counts).items():
-                    tally[k] += v
+            for k, mb in enumerate(mbs):
+                # one engine.step() per global batch: tell DeepSpeed which backward closes the
+                # accumulation window (its own micro-step count would apply only every
+                # grad_accum-th step() call)
+                D.set_accumulation_boundary(self.engine, k + 1 == len(mbs))
+                for name, v in self._micro_step([self.examples[i] for i in mb], normaliser, counts).items():
+                    tally[name] += v
             tally = dict(zip(TALLY, D.all_reduce_sum([tally[k] for k in TALLY])))
             total = tally["loss"] / w  # = global token-mean NLL of the step (+ preference terms)
-            if not math.isfinite(total):
-                raise NonFiniteLossError(
-                    f"stage {self.stage} step {step}: non-finite loss {total}; the last good checkpoint is left intact"
-                )
+            if not math.isfinite(total) and self.cfg.on_nonfinite == "error":
+                raise NonFiniteLossError(self._nonfinite_message(step, f"non-finite loss {total}"))
             self.engine.step()
-            tokens += batch_tokens
-            last_loss, last = total, [tally]
-            self._window.append(tally)
+            if self._step_applied(step, total):
+                tokens += batch_tokens
+                last_loss, last = total, [tally]
+                self._window.append(tally)
+            else:
+                skipped += 1
             if (step + 1) % self.cfg.log_every_steps == 0 or step + 1 == len(self.plan):
                 self._log(step, total, tokens, time.time() - t0)
             if self.cfg.save_every_steps and (step + 1) % self.cfg.save_every_steps == 0 and step + 1 < len(self.plan):
@@ -148,8 +153,43 @@ class StageTrainer:
             "train_tokens": planned,
             "train_seconds": elapsed,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
+            # DeepSpeed's count survives a resume (it is in the checkpoint); ours is the fallback
+            "train_skipped_steps": D.skipped_steps(self.engine, skipped),
             **self._pbl_values(last, prefix=""),
         }
+
+    def _nonfinite_message(self, step: int, what: str) -> str:
+        return (
+            f"stage {self.stage} step {step}: {what}; the last good checkpoint is left intact "
+            f"(train.on_nonfinite=skip drops such steps instead)"
+        )
+
+    def _step_applied(self, step: int, total: float) -> bool:
+        """Whether ``engine.step()`` updated the weights; raises or warns per ``train.on_nonfinite``.
+
+        DeepSpeed's ZeRO optimizers skip the update themselves when the global gradient norm is
+        not finite: they zero the gradients, hold the LR schedule and count the step in
+        ``engine.skipped_steps``, identically on every rank (the norm is all-reduced). In skip
+        mode a non-finite loss has already poisoned the gradient (``_micro_step``), so it takes
+        the same path.
+        """
+        finite = math.isfinite(total)
+        if D.step_applied(self.engine):
+            norm = D.grad_norm(self.engine)
+            if not finite or (norm is not None and not math.isfinite(norm)):
+                raise NonFiniteLossError(
+                    self._nonfinite_message(step, f"loss {total}, gradient norm {norm}")
+                    + ", but the optimizer applied the step (only ZeRO stages 1-3 skip it); stopping"
+                )
+            return True
+        if finite and D.fp16_enabled(self.engine):  # dynamic loss scaling found an overflow: routine
+            log.info("stage %d step %d: fp16 overflow, DeepSpeed lowered the loss scale and skipped", self.stage, step)
+            return False
+        what = f"non-finite loss {total}" if not finite else "non-finite gradient norm (the loss was finite)"
+        if self.cfg.on_nonfinite == "error":
+            raise NonFiniteLossError(self._nonfinite_message(step, what))
+        log.warning("stage %d step %d: %s; optimizer step skipped (train.on_nonfinite=skip)", self.stage, step, what)
+        return False
 
     def _answer_tokens(self, i: int) -> int:
         """Gold answer tokens of example ``i`` (a group's candidates do not count)."""
@@ -183,10 +223,15 @@ class StageTrainer:
             inplace_backward=True,
             **pairs,
         )
+        value = loss.detach().item()
+        if not math.isfinite(value) and self.cfg.on_nonfinite == "skip":
+            # NaN times anything is NaN: every gradient of this backward becomes NaN, so DeepSpeed's
+            # own overflow check skips the step on every rank even where the loss's gradient was finite
+            loss = loss * float("nan")
         self.engine.backward(loss)
         # report the un-normalised share of the global mean (what this rank contributed)
         margin = (metrics["logps"].float() - ref).cpu()
-        tally = {"loss": loss.detach().item() / self.cfg.grad_accum, **{k: float(v) for k, v in local.items()}}
+        tally = {"loss": value / self.cfg.grad_accum, **{k: float(v) for k, v in local.items()}}
         for name, role in (("aligned", ROLE_ALIGNED), ("conflict", ROLE_CONFLICT)):
             tally[f"r_{name}"] = float(margin[roles.cpu() == role].sum())
         for t, c in TERMS.items():

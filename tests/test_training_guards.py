@@ -1,0 +1,158 @@
+"""Training guards on a real DeepSpeed ZeRO-3 engine (one gloo rank, in this process).
+
+A NaN injected into one step's logits (loss and gradient non-finite) or into their gradient
+only (finite loss): ``train.on_nonfinite=error`` stops naming stage and step; ``skip`` leaves the
+weights of that step untouched and trains on. Also: with ``grad_accum`` > 1 every global batch
+is one optimizer step (DeepSpeed counts micro-steps per ``step()`` call unless told otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from msl_ds import distributed as D
+from msl_ds.config import CONFIG_DIR, load_config, load_deepspeed_config
+from msl_ds.data import Example, batch_plan
+from msl_ds.monitor import Monitor, set_progress
+from msl_ds.trainer import NonFiniteLossError, StageTrainer, lr_lambda
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    """A gloo process group of one rank, torn down (and the environment restored) afterwards."""
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    env, threads = dict(os.environ), torch.get_num_threads()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    D.init("gloo", timeout_s=60, threads_per_rank=1)
+    set_progress(False)
+    yield
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+
+
+def tiny_engine(*overrides: str):
+    """A 1-layer Llama under ZeRO-3 built like ``engine.build_engine`` does, and its run config."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # imported outside zero.Init
+
+    cfg = load_config(
+        CONFIG_DIR / "run_cpu_tiny.yaml",
+        ["train.lr=0.01", "train.warmup_steps=0", "train.scheduler=constant", "train.log_every_steps=1", *overrides],
+    )
+    ds = load_deepspeed_config(cfg, D.world_size())
+    arch = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    with D.zero_init(ds):
+        model = LlamaForCausalLM(arch)
+    t = cfg.train
+    opt = D.make_optimizer(list(model.parameters()), ds, t.lr, t.betas, t.eps, t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, STEPS))
+    engine = D.initialize(model, opt, sched, ds)
+    engine.train()
+    return engine, cfg
+
+
+def examples(n: int = 8) -> list[Example]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = [1] + torch.randint(4, 64, (6,), generator=g).tolist()
+        out.append(Example(input_ids=ids, labels=[-100] * 3 + ids[3:], row={"id": str(i)}))
+    return out
+
+
+def weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in D.full_state_dict(engine.module).items()}
+
+
+def inject_nan(engine, at_forward: int, kind: str):
+    """NaN in the logits ("loss": loss and gradient) or in their gradient only ("grad")."""
+    calls = {"n": 0}
+
+    def hook(module, args, output):
+        calls["n"] += 1
+        if calls["n"] - 1 != at_forward:
+            return None
+        if kind == "loss":
+            output.logits = output.logits * float("nan")
+        else:
+            output.logits.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return output
+
+    return engine.module.register_forward_hook(hook)
+
+
+def trainer(engine, cfg, snapshots: dict[int, dict] | None = None) -> StageTrainer:
+    ex = examples()
+    t = cfg.train
+    plan = batch_plan(len(ex), t.micro_batch_size, t.grad_accum, 1, 1, STEPS, seed=0)
+
+    def save(step: int) -> None:
+        if snapshots is not None:
+            snapshots[step] = weights(engine)
+
+    return StageTrainer(engine, t, ex, plan, 0, 4, Monitor("", enabled=False), save)
+
+
+def test_grad_accum_updates_once_per_global_batch():
+    """4 rows as 2 micro-batches x 2 accumulation steps = 4 rows in one micro-batch, every step."""
+    final = {}
+    for micro, accum in ((4, 1), (2, 2)):
+        engine, cfg = tiny_engine(f"train.micro_batch_size={micro}", f"train.grad_accum={accum}")
+        stats = trainer(engine, cfg).run()
+        assert engine.global_steps == STEPS, (micro, accum)
+        final[accum] = (stats["train_loss"], weights(engine))
+        D.destroy_engine(engine)
+    assert final[2][0] == pytest.approx(final[1][0], rel=1e-5)
+    for name, w in final[1][1].items():
+        torch.testing.assert_close(final[2][1][name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_nonfinite_step_stops_naming_stage_and_step(kind):
+    engine, cfg = tiny_engine("train.micro_batch_size=4", "train.save_every_steps=1")
+    inject_nan(engine, at_forward=1, kind=kind)
+    snapshots: dict[int, dict] = {}
+    with pytest.raises(NonFiniteLossError) as e:
+        trainer(engine, cfg, snapshots).run()
+    what = "non-finite loss nan" if kind == "loss" else "non-finite gradient norm"
+    assert f"stage 4 step 1: {what}" in str(e.value)
+    assert "last good checkpoint is left intact" in str(e.value)
+    assert list(snapshots) == [1]  # the checkpoint after step 0 was the last one written
+    D.destroy_engine(engine)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_nonfinite_step_skipped_and_training_goes_on(kind, caplog):
+    engine, cfg = tiny_engine("train.micro_batch_size=4", "train.save_every_steps=1", "train.on_nonfinite=skip")
+    inject_nan(engine, at_forward=1, kind=kind)
+    snapshots: dict[int, dict] = {}
+    with caplog.at_level(logging.WARNING, logger="msl_ds.trainer"):
+        stats = trainer(engine, cfg, snapshots).run()
+    assert stats["train_skipped_steps"] == 1 and engine.skipped_steps == 1
+    assert any("stage 4 step 1: non-finite" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    after0, after1, final = snapshots[1], snapshots[2], weights(engine)
+    for name in after0:  # step 1 left every weight as step 0 had it, and nothing became NaN
+        assert torch.equal(after1[name], after0[name]), name
+        assert torch.isfinite(final[name]).all(), name
+    assert any(not torch.equal(final[n], after1[n]) for n in final)  # step 2 trained again
+    assert torch.isfinite(torch.tensor(stats["train_loss"]))
+    D.destroy_engine(engine)
