@@ -375,28 +375,40 @@ def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     path = resolve_path(cfg.deepspeed.config, cfg.source)
     if not path.is_file():
         raise ConfigError(f"{cfg.source}: deepspeed.config: file {path} not found")
+    text = path.read_text(encoding="utf-8")
     try:
-        ds = json.loads(path.read_text(encoding="utf-8"))
+        ds = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     ds.pop("_comment", None)
     t = cfg.train
+    _check_batch_split(ds, cfg, world_size, f"{path}:{_json_line(text, 'train_batch_size')}")
     wanted = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "gradient_clipping": t.grad_clip,
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, f"train.micro_batch_size={t.micro_batch_size}"),
+        "gradient_accumulation_steps": (t.grad_accum, f"train.grad_accum={t.grad_accum}"),
+        "train_batch_size": (
+            t.micro_batch_size * t.grad_accum * world_size,
+            f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x world size {world_size}",
+        ),
+        "gradient_clipping": (t.grad_clip, f"train.grad_clip={t.grad_clip}"),
     }
-    for key, value in wanted.items():
+    for key, (value, because) in wanted.items():
         if key in ds and ds[key] != "auto" and ds[key] != value:
             raise ConfigError(
-                f"{path}: '{key}' is {ds[key]} but the run config {cfg.source} implies {value} "
-                f"(train.micro_batch_size={t.micro_batch_size}, train.grad_accum={t.grad_accum}, "
-                f'world size {world_size}); remove it from the DeepSpeed file or set it to "auto"'
+                f"{path}:{_json_line(text, key)}: '{key}' is {ds[key]} but the run config {cfg.source} "
+                f'implies {value} ({because}); remove it from the DeepSpeed file or set it to "auto"'
             )
         ds[key] = value
+    for key in ("bf16", "fp16"):
+        enabled = ds.get(key, {}).get("enabled", "auto") if isinstance(ds.get(key), dict) else "auto"
+        if enabled != "auto" and bool(enabled) != (cfg.model.dtype == key):
+            raise ConfigError(
+                f"{path}:{_json_line(text, key)}: '{key}.enabled' is {enabled} but the run config "
+                f"{cfg.source} sets model.dtype={cfg.model.dtype}; remove it from the DeepSpeed file or set it "
+                f'to "auto"'
+            )
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(
@@ -410,6 +422,36 @@ def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _json_line(text: str, key: str) -> int:
+    """The line where ``"key"`` first appears in a JSON text (1 when it does not)."""
+    for i, line in enumerate(text.splitlines(), start=1):
+        if f'"{key}"' in line:
+            return i
+    return 1
+
+
+def _check_batch_split(ds: dict[str, Any], cfg: RunConfig, world_size: int, where: str) -> None:
+    """A DeepSpeed file that fixes ``train_batch_size`` must suit this world size and run config."""
+    fixed = ds.get("train_batch_size", "auto")
+    t = cfg.train
+    if fixed == "auto" or fixed == t.micro_batch_size * t.grad_accum * world_size:
+        return
+    per_pass = t.micro_batch_size * world_size
+    if not isinstance(fixed, int) or isinstance(fixed, bool) or fixed % per_pass:
+        raise ConfigError(
+            f"{where}: 'train_batch_size' is {fixed}, which world size {world_size} does not divide into "
+            f"micro-batches of train.micro_batch_size={t.micro_batch_size} (it is no multiple of "
+            f"{t.micro_batch_size} x {world_size} = {per_pass}); launch a world size that divides it, or set "
+            f'it to "auto" so that the run config decides the global batch'
+        )
+    raise ConfigError(
+        f"{where}: 'train_batch_size' is {fixed} but the run config {cfg.source} implies "
+        f"{t.micro_batch_size * t.grad_accum * world_size} (train.micro_batch_size={t.micro_batch_size} x "
+        f"train.grad_accum={t.grad_accum} x world size {world_size}); set train.grad_accum={fixed // per_pass} "
+        f'to keep {fixed} rows per step on {world_size} ranks, or set it to "auto"'
+    )
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

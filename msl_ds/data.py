@@ -57,9 +57,15 @@ def _raw_rows_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte offset {exc.start})") from None
+        field = _field_with_bad_bytes(raw.split(b"\n")[line - 1])
+        raise DataError(
+            f"{path}:{line}: {field + ' ' if field else ''}not valid UTF-8 "
+            f"(byte 0x{raw[exc.start]:02x} at file offset {exc.start})"
+        ) from None
     rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON strings
+    # may hold raw, and would shift every line number after them
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -70,6 +76,19 @@ def _raw_rows_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
         rows.append((i, obj))
     return rows
+
+
+def _field_with_bad_bytes(line: bytes) -> str | None:
+    """``field 'name'`` for the JSON field whose string holds the undecodable bytes, if any."""
+    try:
+        obj = json.loads(line.decode("utf-8", errors="surrogateescape"))
+    except ValueError:
+        return None
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
+                return f"field '{key}'"
+    return None
 
 
 def _load_with_datasets(path: Path) -> list[dict[str, Any]]:
@@ -127,17 +146,19 @@ def load_rows(path: str | Path, required: bool = True) -> list[dict[str, Any]]:
         pairs = [(i, row) for i, row in enumerate(loaded, start=1)]
     stem = f"{p.parent.name}/{p.stem}"
     rows = [normalise_row(obj, f"{p}:{ln}", f"{stem}/{ln}") for ln, obj in pairs]
-    check_ids(rows, p)
+    check_ids(rows, p, [ln for ln, _ in pairs])
     return rows
 
 
-def check_ids(rows: list[dict[str, Any]], path: Path) -> None:
+def check_ids(rows: list[dict[str, Any]], path: Path, lines: list[int] | None = None) -> None:
+    """Refuse an id given twice with different answers (``lines``: each row's line number)."""
+    lines = lines or list(range(1, len(rows) + 1))
     seen: dict[str, tuple[int, str]] = {}
-    for i, r in enumerate(rows, start=1):
+    for i, r in zip(lines, rows):
         prev = seen.get(r["id"])
         if prev is not None and prev[1] != r["answer"]:
             raise DataError(
-                f"{path}:{i}: field 'id' {r['id']!r} repeats row {prev[0]} with a different answer "
+                f"{path}:{i}: field 'id' {r['id']!r} repeats line {prev[0]} with a different answer "
                 f"({r['answer']!r} vs {prev[1]!r})"
             )
         seen[r["id"]] = (i, r["answer"])
@@ -151,6 +172,7 @@ class World:
     stages: dict[int, dict[str, list[dict[str, Any]]]]
     retain: list[dict[str, Any]]
     general: list[dict[str, Any]]
+    files: dict[tuple[int, str], Path] = field(default_factory=dict)  # (stage, split) -> its file
 
     def split(self, stage: int, name: str) -> list[dict[str, Any]]:
         return self.stages[stage].get(name, [])
@@ -160,6 +182,7 @@ def load_world(root: str | Path, splits: tuple[str, ...] = ("train", "valid", "t
     """Load and validate every stage (and the fixed probes) before any work starts."""
     root = Path(root)
     stages: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    files: dict[tuple[int, str], Path] = {}
     for idx, d in stage_dirs(root).items():
         stages[idx] = {}
         for split in splits:
@@ -168,10 +191,11 @@ def load_world(root: str | Path, splits: tuple[str, ...] = ("train", "valid", "t
                 if split in ("train", "test"):
                     raise DataError(f"{d}: missing {split}.jsonl (or .parquet)")
                 continue
-            stages[idx][split] = load_rows(f)
+            stages[idx][split] = load_rows(f)  # an empty file is refused: every stage needs rows
+            files[(idx, split)] = f
     retain = load_rows(find_file(root, "retain"), required=False) if find_file(root, "retain") else []
     general = load_rows(find_file(root, "general"), required=False) if find_file(root, "general") else []
-    return World(root=root, stages=stages, retain=retain, general=general)
+    return World(root=root, stages=stages, retain=retain, general=general, files=files)
 
 
 def fact_key(row: dict[str, Any]) -> tuple[str, str]:
@@ -239,6 +263,17 @@ def encode_example(tokenizer, row: dict[str, Any], max_len: int, overlong: str, 
 
 def encode_rows(tokenizer, rows: list[dict[str, Any]], max_len: int, overlong: str, where: str) -> list[Example]:
     return [encode_example(tokenizer, r, max_len, overlong, f"{where} id={r['id']}") for r in rows]
+
+
+def check_lengths(world: World, tokenizer, max_len: int, overlong: str, splits: tuple[str, ...] = ("train",)) -> None:
+    """Encode every stage's ``splits`` once, so an overlong row fails before any stage runs.
+
+    Replay draws on every earlier stage, stage 0 included, so all stages are checked; the error
+    names the file and the row's id (by default ``stage_NN/<split>/<line>``).
+    """
+    for (stage, split), path in sorted(world.files.items()):
+        if split in splits:
+            encode_rows(tokenizer, world.split(stage, split), max_len, overlong, str(path))
 
 
 def batch_plan(

@@ -28,7 +28,9 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], model_path: str | Pa
 
     Returns ``(engine, pad_token_id)``.
     """
-    model, pad = load_model(model_path, ds_config, cfg.model.dtype, cfg.model.trust_remote_code)
+    model, pad = load_model(
+        model_path, ds_config, cfg.model.dtype, cfg.model.trust_remote_code, max_seq_len=cfg.data.max_seq_len
+    )
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     opt = D.make_optimizer(params, ds_config, t.lr, t.betas, t.eps, t.weight_decay)

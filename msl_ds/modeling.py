@@ -42,8 +42,10 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
     from transformers import AutoTokenizer
 
     p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model.path: {p} does not exist (expected a Hugging Face model directory)")
     if not p.is_dir():
-        raise ModelError(f"model.path: {p} is not a directory (expected a Hugging Face model dir)")
+        raise ModelError(f"model.path: {p} is not a directory (expected a Hugging Face model directory)")
     tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     if chat_template:
         t = Path(chat_template)
@@ -72,8 +74,51 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer.encode(" " + answer.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
-def load_model(path: str | Path, ds_config: dict[str, Any], dtype: str = "fp32", trust_remote_code: bool = False):
-    """Load a causal LM, partitioned as it loads when ZeRO-3 is on.
+# where architectures keep their longest position (the first one present counts)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_model_dir(path: str | Path, max_seq_len: int | None = None) -> None:
+    """Refuse a model directory cheaply (no torch, no transformers) before anything is written.
+
+    It must exist and hold ``config.json``; with ``max_seq_len``, the architecture's position
+    limit must cover ``data.max_seq_len`` (positions past it are garbage or an index error).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model.path: {p} does not exist (expected a Hugging Face model directory)")
+    config = p / "config.json"
+    if not config.is_file():
+        raise ModelError(f"model.path: {p} has no config.json (expected a Hugging Face model directory)")
+    if max_seq_len is None:
+        return
+    import json
+
+    text = config.read_text(encoding="utf-8")
+    arch = json.loads(text)
+    arch = arch.get("text_config", arch) if isinstance(arch.get("text_config"), dict) else arch
+    for key in POSITION_KEYS:
+        limit = arch.get(key)
+        if isinstance(limit, int) and limit > 0:
+            if max_seq_len > limit:
+                line = next((i for i, s in enumerate(text.splitlines(), 1) if f'"{key}"' in s), 1)
+                raise ModelError(
+                    f"{config}:{line}: {key} is {limit}, shorter than data.max_seq_len={max_seq_len}; "
+                    f"lower data.max_seq_len (with data.overlong=truncate if rows are longer) or use a model "
+                    f"with more positions"
+                )
+            return
+
+
+def load_model(
+    path: str | Path,
+    ds_config: dict[str, Any],
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    max_seq_len: int | None = None,
+):
+    """Load a causal LM, partitioned as it loads when ZeRO-3 is on (``max_seq_len``: see
+    :func:`check_model_dir`).
 
     Returns ``(model, pad_token_id)``. transformers' ``_init_weights`` zeroes
     ``weight[padding_idx]`` of embeddings, which fails on an empty ZeRO-3 partition (IndexError,
@@ -83,8 +128,7 @@ def load_model(path: str | Path, ds_config: dict[str, Any], dtype: str = "fp32",
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(path)
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise ModelError(f"model.path: {p} has no config.json (expected a Hugging Face model dir)")
+    check_model_dir(p, max_seq_len)
     config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     pad = config.pad_token_id
     config.pad_token_id = None

@@ -78,25 +78,10 @@ def test_default_config_writes_and_comments_every_key():
         assert commented or key.startswith("base.train."), f"{key} has no comment in {path.name}: {line!r}"
 
 
-def test_unknown_key_names_file_line_and_key(tmp_path):
-    p = tmp_path / "run.yaml"
-    p.write_text("run:\n  seed: 1\ntrain:\n  lr: 0.1\n  lrr: 0.2\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(p)
-    assert f"{p}:5" in str(e.value) and "train.lrr" in str(e.value)
-
-
 def test_unknown_section(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text("trian:\n  lr: 0.1\n")
     with pytest.raises(ConfigError, match=r"run.yaml:1: unknown key 'trian'"):
-        load_config(p)
-
-
-def test_wrong_type_names_key(tmp_path):
-    p = tmp_path / "run.yaml"
-    p.write_text("train:\n  micro_batch_size: eight\n")
-    with pytest.raises(ConfigError, match=r"run.yaml:2: train.micro_batch_size: expected int"):
         load_config(p)
 
 
@@ -125,14 +110,6 @@ def test_int_accepted_for_float_but_not_bool(tmp_path):
     p.write_text("train:\n  lr: true\n")
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(p)
-
-
-def test_deepspeed_file_contradicting_batch_fails(tmp_path):
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}))
-    cfg = load_config(CONFIG_DIR / "run_cpu_default.yaml", [f"deepspeed.config={ds}", "train.micro_batch_size=8"])
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
-        load_deepspeed_config(cfg, world_size=2)
 
 
 def test_deepspeed_optimizer_section_refused(tmp_path):

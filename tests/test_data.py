@@ -76,36 +76,6 @@ def test_default_ids_are_file_and_line(tmp_path):
     assert [r["id"] for r in load_rows(p)] == ["s/train/1", "s/train/2"]
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ('{"question": "q?", "answer": "a"}\n{"question": "q?", "answer": \n', r"train.jsonl:2: malformed JSON"),
-        ('{"question": "q?"}\n', r"train.jsonl:1: field 'answer' is missing"),
-        ('{"question": "q?", "answer": "  "}\n', r"train.jsonl:1: field 'answer' is empty"),
-        ('{"question": 3, "answer": "a"}\n', r"train.jsonl:1: field 'question' must be a string"),
-        ("[1, 2]\n", r"train.jsonl:1: expected a JSON object"),
-        ("", r"train.jsonl: no rows"),
-        (
-            '{"id": "x", "question": "q?", "answer": "a"}\n{"id": "x", "question": "q2?", "answer": "b"}\n',
-            r"train.jsonl:2: field 'id' 'x' repeats row 1",
-        ),
-    ],
-)
-def test_bad_input_names_file_line_field(tmp_path, content, message):
-    p = tmp_path / "stage_01" / "train.jsonl"
-    p.parent.mkdir(parents=True)
-    p.write_text(content)
-    with pytest.raises(DataError, match=message):
-        load_rows(p)
-
-
-def test_non_utf8_names_line(tmp_path):
-    p = tmp_path / "train.jsonl"
-    p.write_bytes(b'{"question": "q?", "answer": "a"}\n{"question": "\xff", "answer": "b"}\n')
-    with pytest.raises(DataError, match=r"train.jsonl:2: not valid UTF-8"):
-        load_rows(p)
-
-
 def test_missing_test_split(tmp_path):
     write_jsonl(tmp_path / "stage_00" / "train.jsonl", [{"question": "q?", "answer": "a"}])
     with pytest.raises(DataError, match="missing test.jsonl"):

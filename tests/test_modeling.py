@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from msl_ds.data import DataError, encode_example
+from msl_ds.data import encode_example
 from msl_ds.modeling import answer_ids, build_tokenizer, load_tokenizer, prompt_ids
 
 TEXTS = [
@@ -49,15 +49,6 @@ def test_labels_cover_answer_only(tok):
     n_prompt = len(prompt_ids(tok, row["question"]))
     assert ex.labels[:n_prompt] == [-100] * n_prompt
     assert ex.labels[n_prompt:] == answer_ids(tok, "Kalin Marr")
-
-
-def test_overlong_rows_error_or_truncate(tok):
-    row = {"id": "long", "question": "Who leads " + "Zorvex " * 40 + "?", "answer": "Kalin Marr"}
-    with pytest.raises(DataError, match="id=long.*data.max_seq_len=32"):
-        encode_example(tok, row, 32, "error", "stage_01/train.jsonl id=long")
-    ex = encode_example(tok, row, 32, "truncate", "f")
-    assert len(ex.input_ids) == 32 and ex.input_ids[0] == tok.bos_token_id
-    assert ex.labels[-len(answer_ids(tok, "Kalin Marr")) :] == answer_ids(tok, "Kalin Marr")
 
 
 def test_chat_template_override(tmp_path, tok):

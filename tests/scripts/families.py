@@ -64,7 +64,13 @@ def main(report_path: str, work: str) -> None:
     work_dir = Path(work)
     cfg = load_config(
         ROOT / "ds_configs" / "run_cpu_tiny.yaml",
-        ["train.micro_batch_size=4", "train.lr=0.01", "train.warmup_steps=0", "train.scheduler=constant"],
+        [
+            "train.micro_batch_size=4",
+            "train.lr=0.01",
+            "train.warmup_steps=0",
+            "train.scheduler=constant",
+            "data.max_seq_len=48",  # the families have 64 positions; load_model refuses more
+        ],
     )
     ds = load_deepspeed_config(cfg, D.world_size())
     report = {}
