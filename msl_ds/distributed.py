@@ -37,12 +37,14 @@ def init(backend: str = "auto", timeout_s: int = 1800, threads_per_rank: int = 0
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    _deepspeed().init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=True,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        verbose=False,
-    )
+    _TIMEOUT["s"] = timeout_s
+    with _collective("process-group rendezvous"):
+        _deepspeed().init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=True,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            verbose=False,
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     else:
@@ -83,9 +85,38 @@ def device() -> torch.device:
     return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective that another rank did not join within ``deepspeed.timeout_s``."""
+
+
+_TIMEOUT = {"s": 1800}
+
+
+@contextlib.contextmanager
+def _collective(name: str) -> Iterator[None]:
+    """Turn a backend's timeout (gloo: "Timed out waiting 5000ms for recv operation") into an
+    error that says what happened and which setting governs it.
+
+    Covers the collectives msl_ds issues itself; DeepSpeed's own (ZeRO-3 gathers inside a
+    forward) raise the backend's error unchanged, and NCCL's watchdog aborts the process instead.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        if "timed out" not in text and "timeout" not in text:
+            raise
+        raise CollectiveTimeout(
+            f"{name} on rank {rank()} of {world_size()} timed out after deepspeed.timeout_s={_TIMEOUT['s']} s: "
+            f"another rank never joined it (crashed, hung or stuck elsewhere); if ranks legitimately take "
+            f"longer between collectives, raise deepspeed.timeout_s. Backend said: {exc}"
+        ) from exc
+
+
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with _collective("barrier"):
+            dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -93,7 +124,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized() or world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _collective("broadcast_object"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -101,7 +133,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
     if not dist.is_initialized() or world_size() == 1:
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    with _collective("all_gather_objects"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -109,7 +142,8 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized() or world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device() if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t)
+    with _collective("all_reduce_sum"):
+        dist.all_reduce(t)
     return t.tolist()
 
 
