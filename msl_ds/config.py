@@ -98,6 +98,8 @@ class PblSection:
     embedder: Literal["minilm", "policy", "lexical"] = "minilm"
     substring_rule: bool = True
     consistency: float = 0.5
+    subject_check: bool = True
+    subject_max_new_tokens: int = 64
     max_candidates: int = 0
     np_scope: Literal["all", "conflict"] = "all"
     gamma: float = 1.0
@@ -108,6 +110,48 @@ class PblSection:
     paired: Literal["none", "dpo", "ipo"] = "none"
     paired_weight: float = 0.1
     paired_beta: float = 0.1
+
+
+@dataclass
+class AugmentWeights:
+    """Loss weight of each augmentation kind's rows (a gold row weighs 1)."""
+
+    paraphrase: float = 1.0
+    expansion: float = 1.0
+    background: float = 1.0
+    rehearsal: float = 1.0
+
+
+@dataclass
+class AugmentSection:
+    """Self-distillation augmentation (method ``msl``): what the model writes about its own data."""
+
+    enabled: bool = True
+    paraphrase: int = 2
+    expansion: int = 1
+    background: bool = True
+    rehearsal: bool = True
+    reach: Literal["stage", "all"] = "all"
+    other_subjects: float = 2.0
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 32
+    background_max_new_tokens: int = 64
+    batch_size: int = 64
+    weights: "AugmentWeights" = field(default_factory=lambda: AugmentWeights())
+
+
+@dataclass
+class SelectSection:
+    """Dynamic selection of the augmentations: MI(x, x_hat) * MI(y*, y_hat) and format rules."""
+
+    enabled: bool = True
+    rule: Literal["threshold", "top_q"] = "threshold"
+    theta: float = 0.1
+    top_q: float = 0.5
+    reference: Literal["gold", "own"] = "gold"
+    contains_gold: bool = False
+    near_copy: float = 0.9
 
 
 @dataclass
@@ -159,6 +203,8 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     replay: ReplaySection = field(default_factory=ReplaySection)
     pbl: PblSection = field(default_factory=PblSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    select: SelectSection = field(default_factory=SelectSection)
     eval: EvalSection = field(default_factory=EvalSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
     skills: SkillsSection = field(default_factory=SkillsSection)
@@ -349,6 +395,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.source}: pbl.consistency must lie in [0, 1] and pbl.tau in [-1, 1]")
     if b.paired != "none" and b.paired_beta <= 0:
         raise ConfigError(f"{cfg.source}: pbl.paired_beta must be > 0")
+    a = cfg.augment
+    if min(a.paraphrase, a.expansion) < 0 or a.other_subjects < 0 or a.batch_size < 1:
+        raise ConfigError(f"{cfg.source}: augment.paraphrase/expansion/other_subjects must be >= 0, batch_size >= 1")
+    if min(a.max_new_tokens, a.background_max_new_tokens) < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
+        raise ConfigError(f"{cfg.source}: augment max_new_tokens must be >= 1, temperature >= 0, top_p in (0, 1]")
+    if not 0 < cfg.select.top_q <= 1 or not 0 <= cfg.select.near_copy <= 1:
+        raise ConfigError(f"{cfg.source}: select.top_q must lie in (0, 1] and select.near_copy in [0, 1]")
 
 
 # --------------------------------------------------------------------------- DeepSpeed JSON

@@ -242,6 +242,7 @@ class Example:
     row: dict[str, Any]
     role: int = ROLE_GOLD  # the loss role (msl_ds.kernels ROLE_*)
     ref_logp: float = 0.0  # log pi_ref(answer | prompt), stored by the probe
+    weight: float = 1.0  # loss weight of the row (augmentation kinds have their own)
     candidates: list["Example"] = field(default_factory=list)
 
     def rows(self) -> list["Example"]:
@@ -258,7 +259,7 @@ def encode_example(tokenizer, row: dict[str, Any], max_len: int, overlong: str, 
                 f"{max_len} (set data.overlong=truncate to cut the prompt from the left)"
             )
         p = p[:1] + p[len(p) + len(a) - max_len + 1 :]  # keep bos, cut the prompt's start
-    return Example(input_ids=p + a, labels=[-100] * len(p) + a, row=row)
+    return Example(input_ids=p + a, labels=[-100] * len(p) + a, row=row, weight=float(row.get("weight", 1.0)))
 
 
 def encode_rows(tokenizer, rows: list[dict[str, Any]], max_len: int, overlong: str, where: str) -> list[Example]:

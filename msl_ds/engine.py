@@ -16,17 +16,18 @@ from typing import Any
 import torch
 
 from msl_ds import distributed as D
-from msl_ds.config import RunConfig
+from msl_ds.config import RunConfig, TrainSection
 from msl_ds.fault import maybe_fault
 from msl_ds.io import read_json, write_json
 from msl_ds.modeling import load_model
 from msl_ds.trainer import lr_lambda
 
 
-def build_engine(cfg: RunConfig, ds_config: dict[str, Any], model_path: str | Path, total_steps: int):
+def build_engine(cfg: RunConfig, ds_config: dict[str, Any], model_path: str | Path, total_steps: int = 1):
     """Load ``model_path`` partitioned as it loads and wrap it in a DeepSpeed engine.
 
-    Returns ``(engine, pad_token_id)``.
+    Returns ``(engine, pad_token_id)``. The stage's length may only be known after the engine
+    has generated (augmentation): :func:`set_total_steps` fixes the schedule before training.
     """
     model, pad = load_model(
         model_path, ds_config, cfg.model.dtype, cfg.model.trust_remote_code, max_seq_len=cfg.data.max_seq_len
@@ -38,6 +39,17 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], model_path: str | Pa
     engine = D.initialize(model, opt, sched, ds_config)
     engine.train()
     return engine, pad
+
+
+def set_total_steps(engine, train: TrainSection, total_steps: int) -> None:
+    """Re-plan the LR schedule for ``total_steps`` (before the first step, or a checkpoint load)."""
+    sched = engine.lr_scheduler
+    if sched.last_epoch != 0:
+        raise RuntimeError("set_total_steps: the schedule has already stepped")
+    sched.lr_lambdas = [lr_lambda(train, total_steps)] * len(sched.lr_lambdas)
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(0)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
 class Checkpoints:

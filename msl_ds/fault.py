@@ -3,7 +3,7 @@
 ``MSL_FAULT="train:stage=2:step=3:rank=1"`` kills the process (SIGKILL, no cleanup, like a dead
 node) when ``maybe_fault("train", stage=2, step=3)`` is reached on rank 1. Keys left out match
 anything. Several faults can be given separated by ``;``. Phases: see the calls to
-``maybe_fault`` (``train``, ``checkpoint``, ``export``, ``eval``, ``stage_end``).
+``maybe_fault`` (``probe``, ``augment``, ``train``, ``checkpoint``, ``export``, ``eval``, ``stage_end``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Before a stage trains, the current model π_{t-1} answers every training question once greedily
 and K times by sampling. Each distinct answer becomes a candidate, *aligned* with the new gold
 answer (cosine similarity ≥ τ, or it contains the gold) or *conflicting*. Each question is
-labelled known (greedy correct), conflict (greedy wrong, and most samples say the same wrong
-thing: the model believes something else) or unknown. Finally log π_ref(y|x) of the gold and of
+labelled known (greedy correct), conflict (greedy wrong, most samples say the same wrong thing,
+and the model's own description of the subject says it too: the model believes something else)
+or unknown (a guess). Finally log π_ref(y|x) of the gold and of
 every candidate is computed with the very engine that is about to train, before its first step,
 and stored with the rest: training needs no reference model in memory.
 
@@ -41,12 +42,26 @@ def agrees(a: str, b: str) -> bool:
     return bool(na) and bool(nb) and (na == nb or na in nb or nb in na)
 
 
-def label_fact(gold: str, greedy: str, samples: list[str], consistency: float) -> tuple[str, float]:
-    """(label, share of samples agreeing with the greedy answer)."""
+def label_fact(
+    gold: str, greedy: str, samples: list[str], consistency: float, described: bool | None = None
+) -> tuple[str, float]:
+    """(label, share of samples agreeing with the greedy answer).
+
+    A wrong answer is a conflict when the model is consistent about it: most samples agree, and
+    (when ``described`` is given) the model's own description of the subject says it too. A
+    consistent guess about a subject the model knows nothing of is unknown, not a conflict.
+    """
     share = sum(agrees(s, greedy) for s in samples) / len(samples) if samples else 0.0
     if is_correct(greedy, gold):
         return "known", share
-    return ("conflict" if norm(greedy) and share >= consistency else "unknown"), share
+    consistent = bool(norm(greedy)) and share >= consistency and described is not False
+    return ("conflict" if consistent else "unknown"), share
+
+
+def mentions(text: str, answer: str) -> bool:
+    """Whether ``text`` contains ``answer`` as whole words (case and punctuation ignored)."""
+    a = norm(answer)
+    return bool(a) and f" {a} " in f" {norm(text)} "
 
 
 def distinct_candidates(greedy: str, samples: list[str], cap: int) -> list[str]:
@@ -187,16 +202,38 @@ def sample(model, tokenizer, pad_id, questions: list[str], pbl, gen: GenConfig, 
     return [g["text"] for g in greedy], [[s["text"] for s in flat[i * K : (i + 1) * K]] for i in range(len(questions))]
 
 
+def describe(model, tokenizer, pad_id, subjects: list[str], prompt: str, gen: GenConfig, max_new: int) -> dict:
+    """The model's own greedy description of each subject (``skills.background_prompt``)."""
+    cfg = dataclasses.replace(gen, do_sample=False, max_new_tokens=max_new)
+    outs = generate(model, tokenizer, pad_id, [prompt.format(subject=s) for s in subjects], cfg, desc="probe subjects")
+    return {s: o["text"] for s, o in zip(subjects, outs)}
+
+
 def probe_stage(
-    engine, tokenizer, pad_id, rows: list[dict[str, Any]], pbl, gen: GenConfig, seed: int, max_len: int
-) -> list[dict[str, Any]]:
-    """Probe every training row: candidates, roles, labels and reference log-probs (all ranks)."""
+    engine, tokenizer, pad_id, rows: list[dict[str, Any]], pbl, gen: GenConfig, seed: int, max_len: int,
+    background_prompt: str = "",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Probe every training row: candidates, roles, labels and reference log-probs (all ranks).
+
+    With ``pbl.subject_check`` and a ``background_prompt``, the model also describes every
+    subject once; a conflict's wrong answer must appear in that description.
+    """
     questions = [r["question"] for r in rows]
     greedy, samples = sample(engine.module, tokenizer, pad_id, questions, pbl, gen, seed)
+    descriptions: dict[str, str] = {}
+    if pbl.subject_check and background_prompt:
+        subjects = sorted({r["subject"] for r in rows if r.get("subject")})
+        descriptions = describe(
+            engine.module, tokenizer, pad_id, subjects, background_prompt, gen, pbl.subject_max_new_tokens
+        )
     out = []
     for row, g, ss in zip(rows, greedy, samples):
-        label, share = label_fact(row["answer"], g, ss, pbl.consistency)
+        text = descriptions.get(row.get("subject") or "")
+        described = mentions(text, g) if text is not None else None
+        label, share = label_fact(row["answer"], g, ss, pbl.consistency, described)
         rec = {"id": row["id"], "question": row["question"], "answer": row["answer"], "greedy": g, "samples": ss}
+        if text is not None:
+            rec.update(description=text, described=described)
         rec.update(label=label, agree=share, candidates=distinct_candidates(g, ss, pbl.max_candidates))
         if row.get("previous_answer"):
             rec["previous_answer"] = row["previous_answer"]

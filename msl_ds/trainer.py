@@ -202,6 +202,7 @@ class StageTrainer:
         labels = batch["labels"]
         roles = torch.tensor([x.role for x in rows], dtype=torch.long, device=labels.device)
         ref = torch.tensor([x.ref_logp for x in rows], dtype=torch.float32, device=labels.device)
+        weights = torch.tensor([x.weight for x in rows], dtype=torch.float32, device=labels.device)
         local = group_counts(groups)
         cfg = scaled_loss_config(self.loss_cfg, local, counts, D.world_size() * self.cfg.grad_accum)
         pairs = {}
@@ -219,6 +220,7 @@ class StageTrainer:
             roles,
             ref,
             cfg,
+            weights=weights,
             token_normalizer=normaliser,
             inplace_backward=True,
             **pairs,

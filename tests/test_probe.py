@@ -1,4 +1,5 @@
-"""Method msl end to end: probe, PBL training, metrics; the probe does not depend on the rank count.
+"""Method msl end to end: probe, augmentation, PBL training, metrics; neither the probe nor the
+augmented dataset depends on the rank count.
 
 One stage of the tiny world under ``deepspeed --num_gpus 2``; then the same probe on one rank
 (tests/scripts/probe_ranks.py) must reproduce the run's ``probe.jsonl``.
@@ -43,19 +44,28 @@ def test_msl_stage_writes_probe_and_pbl_metrics(msl_run):
     from msl_ds.io import marker_ok, read_json, read_jsonl
 
     sdir = msl_run / "stage_01"
-    assert marker_ok(sdir) and "probe.jsonl" in read_json(sdir / "DONE.json")["files"]
+    assert marker_ok(sdir) and {"probe.jsonl", "augment.jsonl"} <= set(read_json(sdir / "DONE.json")["files"])
     probed = read_jsonl(sdir / "probe.jsonl")
     assert probed and all("ref_logp" in c for r in probed for c in r["candidates"])
     m = read_json(sdir / "metrics.json")
     for k in ("probe_known", "probe_conflict", "probe_unknown", "probe_aligned", "probe_conflicting"):
         assert k in m, k
-    assert m["probe_known"] + m["probe_conflict"] + m["probe_unknown"] == m["train_rows"]
+    augmented = read_jsonl(sdir / "augment.jsonl")
+    accepted = sum(r["accepted"] for r in augmented)
+    assert m["probe_known"] + m["probe_conflict"] + m["probe_unknown"] + accepted == m["train_rows"]
+    assert m["aug_generated"] == len(augmented) and m["aug_accepted"] == accepted > 0, m
+    for r in augmented:  # provenance of every sample
+        assert {"kind", "source_id", "prompt", "raw", "question", "answer", "accepted", "reason"} <= set(r), r
+        assert (r["reason"] == "ok") == r["accepted"]
     # L_NP pushed the conflicting candidates below the stage-start reference
     assert m["probe_conflicting"] > 0 and m["margin_conflict"] < -1.0, m
     acc = EventAccumulator(str(msl_run / "tb" / "msl"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/margin_conflict", "train/loss_np", "probe/conflict_recall", "probe/conflict", "stage/new_acc"):
+    for tag in (
+        "train/margin_conflict", "train/loss_np", "probe/conflict_recall", "probe/conflict", "stage/new_acc",
+        "augment/accepted", "augment/rehearsal_accepted",
+    ):  # fmt: skip
         assert tag in tags, (tag, sorted(tags))
     margins = [e.value for e in acc.Scalars("train/margin_conflict")]
     assert margins[-1] < margins[0], margins
@@ -90,3 +100,5 @@ def test_probe_same_on_one_and_two_ranks(msl_run, tiny_world, tiny_base, tmp_pat
         refs = [a["ref_logp"]] + [c["ref_logp"] for c in a["candidates"]]
         want = [b["ref_logp"]] + [c["ref_logp"] for c in b["candidates"]]
         assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-5) for x, y in zip(refs, want)), (refs, want)
+    # the augmented dataset written by rank 0 of the 2-rank run is the one a single rank builds
+    assert json.loads(out.read_text())["augment"] == read_jsonl(msl_run / "stage_01" / "augment.jsonl")

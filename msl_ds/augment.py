@@ -1,0 +1,340 @@
+"""Self-distillation augmentation and dynamic selection (DESIGN.md §2.2–2.3).
+
+Before a stage trains, the current model π_{t-1} rewrites the stage's own data:
+
+* **paraphrase** — "Rephrase the question: x" → x̂, trained as (x̂, y*);
+* **expansion** — "Expand the question: x" → x̂ that reasons one step further, trained as (x̂, y*);
+* **background** — "Tell me about s." → the model's text b about the fact's subject; trained as
+  (b + x, y*), the subject's context integrated into the question;
+* **rehearsal** — the same text b trained as the answer to "Tell me about s." (our extension):
+  with ``augment.reach: all`` also for subjects of earlier stages that this stage does not
+  touch, so that knowledge the stage does not update is rehearsed in the model's own words.
+
+In every text about a subject whose fact changed (rewrites and backgrounds alike), the model's
+stale value (its own greedy answer to the fact's question) is replaced by the new gold before
+anything is trained on it.
+
+**Selection.** The model answers every x̂ (ŷ). A sample's score is MI(x, x̂) · MI(ref, ŷ), where
+ref is the gold y* (the paper) or the model's own answer to x (``select.reference: own``), and
+MI is the normalised mutual information of word co-occurrence (see :func:`word_mi`). Samples
+below ``select.theta`` (or outside the best ``select.top_q`` of their kind) are rejected, as are
+empty or truncated outputs, copies and near copies of x, texts that lose the fact's subject,
+rehearsal texts that lose the stage's gold, and rows that do not fit ``data.max_seq_len``. Every generated sample is
+kept in the stage's ``augment.jsonl`` with its prompt, raw output, scores and verdict.
+
+All ranks generate together (:func:`msl_ds.generation.generate`: rank 0's job list, the shards
+dealt globally so the text does not depend on the world size); the selection is a pure function
+of the generated text, which the recipe runs and writes on rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+from collections import defaultdict
+from typing import Any, Callable
+
+from msl_ds import distributed as D
+from msl_ds.config import AugmentSection, RunConfig, SelectSection, SkillsSection
+from msl_ds.data import DataError, World, encode_example, fact_key
+from msl_ds.evaluation import is_correct
+from msl_ds.generation import GenConfig, generate
+
+KINDS = ("paraphrase", "expansion", "background", "rehearsal")
+QUESTION_KINDS = ("paraphrase", "expansion", "background")  # x̂ is a question the model answers
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def word_mi(a: str, b: str, vocab: int) -> float:
+    """Normalised mutual information of word occurrence in ``a`` and in ``b``, in [0, 1].
+
+    Over a vocabulary of ``vocab`` words (the stage's corpus), draw a word w uniformly; the two
+    variables are "w occurs in a" and "w occurs in b". Their mutual information, divided by the
+    geometric mean of the two entropies, is 1 for texts with the same words and 0 for texts that
+    share none (a negative association counts as none).
+    """
+    A, B = words(a), words(b)
+    if not A or not B:
+        return 0.0
+    n = max(vocab, len(A | B))
+    n11 = len(A & B)
+    if n11 * n <= len(A) * len(B):  # independent or negatively associated
+        return 0.0
+    cells = ((n11, len(A), len(B)), (len(A) - n11, len(A), n - len(B)), (len(B) - n11, n - len(A), len(B)))
+    cells += ((n - len(A | B), n - len(A), n - len(B)),)
+    mi = sum(c / n * math.log(c * n / (ra * rb)) for c, ra, rb in cells if c)
+    ha, hb = _entropy(len(A) / n), _entropy(len(B) / n)
+    if ha == 0 or hb == 0:  # a text that uses every word of the vocabulary
+        return 1.0 if A == B else 0.0
+    return min(1.0, mi / math.sqrt(ha * hb))
+
+
+def _entropy(p: float) -> float:
+    return -sum(q * math.log(q) for q in (p, 1 - p) if q > 0)
+
+
+def jaccard(a: str, b: str) -> float:
+    A, B = words(a), words(b)
+    return len(A & B) / len(A | B) if A | B else 1.0
+
+
+def replace_stale(text: str, stale: str, gold: str) -> str:
+    """``text`` with every whole-word occurrence of ``stale`` (any case) replaced by ``gold``."""
+    if not stale.strip():
+        return text
+    return re.sub(rf"(?<!\w){re.escape(stale.strip())}(?!\w)", gold, text, flags=re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- the phase
+
+
+def augment_seed(run_seed: int, stage: int) -> int:
+    """The augmentation's sampling seed: one stream per (run seed, stage)."""
+    return run_seed * 1_000_003 + stage * 10_007 + 1
+
+
+def fits_in(tokenizer, max_len: int) -> Callable[[dict[str, Any]], bool]:
+    """Whether a generated row fits ``max_len`` tokens (the prompt may be cut from the left)."""
+
+    def fits(row: dict[str, Any]) -> bool:
+        try:
+            encode_example(tokenizer, {**row, "id": "augment"}, max_len, "truncate", "augment")
+        except DataError:
+            return False
+        return True
+
+    return fits
+
+
+def run_augment(model, tokenizer, pad_id, world: World, stage: int, cfg: RunConfig, gen: GenConfig):
+    """The phase for one stage of ``world``: every rank generates; rank 0 selects.
+
+    Returns the records on every rank, selected (``accepted``, ``reason``, scores) on rank 0.
+    """
+    rows = world.split(stage, "train")
+    earlier = [r for s in sorted(world.stages) if s < stage for r in world.split(s, "train")]
+    seed = augment_seed(cfg.run.seed, stage)
+    records = augment_stage(model, tokenizer, pad_id, rows, earlier, cfg.augment, cfg.skills, gen, seed, stage)
+    if D.is_rank0():
+        corpus = {w for r in rows + earlier for w in words(f"{r['question']} {r['answer']}")}
+        select(records, cfg.select, fits_in(tokenizer, cfg.data.max_seq_len), corpus)
+    return records
+
+
+def other_subjects(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], ratio: float, seed: int) -> list[str]:
+    """Subjects of earlier stages' rows that this stage does not touch: ``ratio`` per stage subject."""
+    mine = {r["subject"] for r in rows if r.get("subject")}
+    pool = sorted({r["subject"] for r in earlier if r.get("subject")} - mine)
+    k = min(len(pool), int(round(ratio * len(mine))))
+    return sorted(random.Random(seed).sample(pool, k))
+
+
+def augment_stage(
+    model,
+    tokenizer,
+    pad_id,
+    rows: list[dict[str, Any]],
+    earlier: list[dict[str, Any]],
+    aug: AugmentSection,
+    skills: SkillsSection,
+    gen: GenConfig,
+    seed: int,
+    stage: int,
+) -> list[dict[str, Any]]:
+    """Generate every augmentation of ``rows`` and the model's answers to them (all ranks).
+
+    Returns one record per generated sample (not yet selected), the same on every rank.
+    """
+    facts: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        facts[fact_key(r)].append(r)
+    greedy = dataclasses.replace(gen, do_sample=False, batch_size=aug.batch_size, seed=seed)
+    own = generate(model, tokenizer, pad_id, [r["question"] for r in rows], greedy, desc="augment: own answers")
+    own_answer = {r["id"]: o["text"] for r, o in zip(rows, own)}
+
+    # stale values: what the model says now for a fact whose gold it does not give yet
+    stale: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for phrasings in facts.values():
+        r = phrasings[0]
+        g = own_answer[r["id"]]
+        if r.get("subject") and g.strip() and not is_correct(g, r["answer"]):
+            stale[r["subject"]].append((g, r["answer"]))
+
+    # backgrounds: the stage's subjects, plus others the model knows when reach is "all"
+    records: list[dict[str, Any]] = []
+    stage_subjects = sorted({r["subject"] for r in rows if r.get("subject")})
+    subjects = list(stage_subjects)
+    if aug.reach == "all":
+        subjects += other_subjects(rows, earlier, aug.other_subjects, seed)
+    background: dict[str, tuple[str, dict[str, Any]]] = {}
+    if subjects and (aug.background or aug.rehearsal):
+        prompts = [skills.background_prompt.format(subject=s) for s in subjects]
+        cfg = dataclasses.replace(greedy, max_new_tokens=aug.background_max_new_tokens)
+        outs = generate(model, tokenizer, pad_id, prompts, cfg, desc="augment: backgrounds")
+        for s, p, o in zip(subjects, prompts, outs):
+            text = o["text"]
+            for old, new in stale.get(s, []):
+                text = replace_stale(text, old, new)
+            background[s] = (text, o)
+            if aug.rehearsal:
+                golds = sorted({r["answer"] for r in rows if r.get("subject") == s})
+                records.append(
+                    _record("rehearsal", f"subject/{s}", s, p, o, p, text, stage_golds=golds, stale=stale.get(s, []))
+                )
+
+    # question rewrites: paraphrases and expansions (sampled), background + question
+    jobs: list[tuple[str, dict[str, Any], str]] = []
+    for phrasings in facts.values():
+        for kind, n, template in (
+            ("paraphrase", aug.paraphrase, skills.paraphrase_prompt),
+            ("expansion", aug.expansion, skills.expansion_prompt),
+        ):
+            for k in range(n):
+                jobs.append((kind, phrasings[k % len(phrasings)], template))
+    sampled = dataclasses.replace(
+        greedy,
+        max_new_tokens=aug.max_new_tokens,
+        do_sample=aug.temperature > 0,
+        temperature=aug.temperature or 1.0,
+        top_p=aug.top_p,
+        seed=seed + 1,
+    )
+    prompts = [t.format(question=r["question"]) for _, r, t in jobs]
+    outs = generate(model, tokenizer, pad_id, prompts, sampled, desc="augment: rewrites")
+    for (kind, r, _), p, o in zip(jobs, prompts, outs):
+        text = o["text"]
+        for old, new in stale.get(r.get("subject") or "", []):
+            text = replace_stale(text, old, new)
+        records.append(_record(kind, r["id"], r.get("subject"), p, o, text, r["answer"], x=r["question"]))
+    if aug.background:
+        for phrasings in facts.values():
+            r = phrasings[0]
+            if r.get("subject") in background:
+                text, o = background[r["subject"]]
+                q = f"{text} {r['question']}" if text else ""
+                records.append(_record("background", r["id"], r["subject"], q, o, q, r["answer"], x=r["question"]))
+
+    # the model answers every rewritten question: ŷ, for the selection
+    asked = [rec for rec in records if rec["kind"] in QUESTION_KINDS and rec["question"]]
+    answers = generate(model, tokenizer, pad_id, [rec["question"] for rec in asked], greedy, desc="augment: answers")
+    for rec, a in zip(asked, answers):
+        rec["y_hat"] = a["text"]
+        rec["own"] = own_answer[rec["source_id"]]
+    for i, rec in enumerate(records):
+        rec["id"] = f"aug/s{stage:02d}/{rec['kind']}/{i:05d}"
+    return records
+
+
+def _record(kind, source_id, subject, prompt, out, question, answer, **extra) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "source_id": source_id,
+        "subject": subject,
+        "prompt": prompt,
+        "raw": out["text"],
+        "finished": bool(out["finished"]),
+        "question": question.strip(),
+        "answer": answer.strip(),
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select(
+    records: list[dict[str, Any]],
+    sel: SelectSection,
+    fits: Callable[[dict[str, Any]], bool] | None = None,
+    corpus: set[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Score every record and set ``accepted`` and ``reason`` (``"ok"`` when accepted), in place.
+
+    Format rules always apply; the score rules only when ``sel.enabled``. MI is taken over the
+    words of ``corpus`` (the run's training text so far) together with the records' own words.
+    """
+    corpus = set(corpus or ())
+    for rec in records:
+        for key in ("x", "question", "answer", "y_hat", "own"):
+            corpus |= words(rec.get(key) or "")
+    vocab = len(corpus)
+    seen: set[tuple[str, str]] = set()
+    for rec in records:
+        rec["score"] = None
+        rec["reason"] = _format_reason(rec, sel, seen)
+        if rec["reason"] is None and fits is not None and not fits(rec):
+            rec["reason"] = "too_long"
+        if rec["kind"] in QUESTION_KINDS:
+            ref = rec["answer"] if sel.reference == "gold" else rec.get("own", "")
+            rec["mi_x"] = word_mi(rec["x"], rec["question"], vocab)
+            rec["mi_y"] = word_mi(ref, rec.get("y_hat", ""), vocab)
+            rec["score"] = rec["mi_x"] * rec["mi_y"]
+            if rec["reason"] is None and sel.enabled:
+                if sel.contains_gold and not is_correct(rec.get("y_hat", ""), rec["answer"]):
+                    rec["reason"] = "answer_lacks_gold"
+                elif sel.rule == "threshold" and rec["score"] < sel.theta:
+                    rec["reason"] = "low_score"
+    if sel.enabled and sel.rule == "top_q":
+        for kind in QUESTION_KINDS:
+            alive = [r for r in records if r["kind"] == kind and r["reason"] is None]
+            keep = math.ceil(sel.top_q * len(alive))
+            for r in sorted(alive, key=lambda r: -r["score"])[keep:]:
+                r["reason"] = "below_top_q"
+    for rec in records:
+        rec["accepted"] = rec["reason"] is None
+        rec["reason"] = rec["reason"] or "ok"
+    return records
+
+
+def _format_reason(rec: dict[str, Any], sel: SelectSection, seen: set[tuple[str, str]]) -> str | None:
+    if not rec["raw"].strip() or not rec["question"] or not rec["answer"]:
+        return "empty"
+    if not rec["finished"]:
+        return "truncated"
+    if rec["kind"] == "rehearsal":
+        if rec["subject"].lower() not in rec["answer"].lower():
+            return "off_subject"
+        if any(not is_correct(rec["answer"], g) for g in rec.get("stage_golds", [])):
+            return "gold_missing"
+    elif rec["subject"] and rec["subject"].lower() not in rec["question"].lower():
+        return "off_subject"
+    elif rec["kind"] != "background":
+        if words(rec["question"]) == words(rec["x"]):
+            return "copy"
+        if jaccard(rec["question"], rec["x"]) >= sel.near_copy:
+            return "near_copy"
+    key = (rec["kind"], " ".join(sorted(words(rec["question"]))) + "|" + rec["answer"].lower())
+    if key in seen:
+        return "duplicate"
+    seen.add(key)
+    return None
+
+
+def training_rows(records: list[dict[str, Any]], aug: AugmentSection) -> list[dict[str, Any]]:
+    """The accepted samples as training rows, each with its kind's loss weight."""
+    return [
+        {"id": r["id"], "question": r["question"], "answer": r["answer"], "kind": r["kind"],
+         "weight": getattr(aug.weights, r["kind"])}
+        for r in records
+        if r["accepted"]
+    ]  # fmt: skip
+
+
+def acceptance(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Generated and accepted counts per kind, and the rejection reasons."""
+    m: dict[str, float] = {}
+    for kind in KINDS:
+        mine = [r for r in records if r["kind"] == kind]
+        m[f"aug_{kind}_generated"] = len(mine)
+        m[f"aug_{kind}_accepted"] = sum(r["accepted"] for r in mine)
+    for r in records:
+        if not r["accepted"]:
+            m[f"aug_rejected_{r['reason']}"] = m.get(f"aug_rejected_{r['reason']}", 0) + 1
+    m["aug_generated"] = len(records)
+    m["aug_accepted"] = sum(r["accepted"] for r in records)
+    return m
