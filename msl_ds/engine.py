@@ -52,6 +52,10 @@ def set_total_steps(engine, train: TrainSection, total_steps: int) -> None:
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
+class CheckpointWorldSizeError(RuntimeError):
+    """A mid-stage checkpoint written by a different number of ranks."""
+
+
 class Checkpoints:
     """A stage's DeepSpeed checkpoints under ``root`` with an atomic pointer."""
 
@@ -70,18 +74,73 @@ class Checkpoints:
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> None:
         tag = f"step_{step:06d}"
-        D.save_checkpoint(engine, str(self.root), tag, {**client_state, "step": step})
+        shape = {"world_size": D.world_size(), "train_batch_size": D.global_batch(engine)}
+        D.save_checkpoint(engine, str(self.root), tag, {**client_state, "step": step, **shape})
         maybe_fault("checkpoint", stage=self.stage, step=step)
         D.barrier()  # every rank's shard is on disk before the pointer moves
         if D.is_rank0():
-            write_json(self.root / self.POINTER, {"tag": tag, "step": step})
+            write_json(self.root / self.POINTER, {"tag": tag, "step": step, **shape})
             for old in self.root.iterdir():  # only now is the previous checkpoint redundant
                 if old.is_dir() and old.name.startswith("step_") and old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
         D.barrier()
 
     def load(self, engine) -> dict[str, Any] | None:
+        """The latest checkpoint's client state (``None`` when there is none).
+
+        A checkpoint written by another number of ranks is refused before DeepSpeed sees it,
+        unless it was converted to a universal checkpoint (``<tag>_universal``, see
+        :meth:`world_size_error`), which loads on any number of ranks.
+        """
         info = self.latest()
         if info is None:
             return None
-        return D.load_checkpoint(engine, str(self.root), info["tag"])
+        universal = self.check_world_size()
+        if universal is None:
+            return D.load_checkpoint(engine, str(self.root), info["tag"])
+        want, have = info.get("train_batch_size"), D.global_batch(engine)
+        if want is not None and have is not None and want != have:
+            raise CheckpointWorldSizeError(
+                f"{universal}: stage {self.stage} was planned with {want} rows per optimizer step, but this run "
+                f"has {have} (train.micro_batch_size x train.grad_accum x {D.world_size()} ranks); set "
+                f"train.grad_accum (or train.micro_batch_size) so that the product is {want} again"
+            )
+        return D.load_checkpoint(engine, str(self.root), universal.name, universal=True)
+
+    def check_world_size(self) -> Path | None:
+        """Refuse a latest checkpoint from another world size early (no engine needed).
+
+        Returns its universal conversion when that is what must be loaded, else ``None``.
+        """
+        info = self.latest()
+        if info is None:
+            return None
+        saved = info.get("world_size") or self._shards(info["tag"])
+        if saved is None or saved == D.world_size():
+            return None
+        universal = self.root / f"{info['tag']}_universal"
+        if not (universal / "zero").is_dir():
+            raise CheckpointWorldSizeError(self.world_size_error(info["tag"], saved, info.get("train_batch_size")))
+        return universal
+
+    def world_size_error(self, tag: str, saved: int, batch: int | None) -> str:
+        ckpt = self.root / tag
+        keep = f"the same global batch ({batch} rows: " if batch else "the same global batch ("
+        return (
+            f"{ckpt}: this mid-stage checkpoint of stage {self.stage} was written by {saved} ranks, but this run "
+            f"has {D.world_size()}; a ZeRO checkpoint holds one shard per rank and cannot be loaded as is. "
+            f"Either\n"
+            f"  1. finish stage {self.stage} on {saved} ranks (later stages may use any number: each starts "
+            f"from the previous stage's Hugging Face export), or\n"
+            f"  2. delete {self.root} to restart stage {self.stage} from the previous stage's export on "
+            f"{D.world_size()} ranks (its steps so far are lost), or\n"
+            f"  3. convert it to a DeepSpeed universal checkpoint, which loads on any number of ranks, and "
+            f"relaunch with {keep}train.micro_batch_size x train.grad_accum x ranks):\n"
+            f"     python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt} "
+            f"--output_folder {ckpt}_universal"
+        )
+
+    def _shards(self, tag: str) -> int | None:
+        """Ranks that wrote ``tag`` (checkpoints from before LATEST.json held the world size)."""
+        n = len(list((self.root / tag).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))  # ZeRO 1-3
+        return n or None

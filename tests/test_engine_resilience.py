@@ -1,23 +1,30 @@
-"""Training guards on a real DeepSpeed ZeRO-3 engine (one gloo rank, in this process).
+"""A real DeepSpeed ZeRO-3 engine (one gloo rank, in this process): training guards, gradient
+accumulation, and resuming a mid-stage checkpoint on another number of ranks.
 
 A NaN injected into one step's logits (loss and gradient non-finite) or into their gradient
 only (finite loss): ``train.on_nonfinite=error`` stops naming stage and step; ``skip`` leaves the
-weights of that step untouched and trains on. Also: with ``grad_accum`` > 1 every global batch
-is one optimizer step (DeepSpeed counts micro-steps per ``step()`` call unless told otherwise).
+weights of that step untouched and trains on. With ``grad_accum`` > 1 every global batch is one
+optimizer step (DeepSpeed counts micro-steps per ``step()`` call unless told otherwise). A
+checkpoint from another world size is refused with the ways out, and loads once converted to a
+DeepSpeed universal checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run
 
 from msl_ds import distributed as D
 from msl_ds.config import CONFIG_DIR, load_config, load_deepspeed_config
 from msl_ds.data import Example, batch_plan
+from msl_ds.engine import Checkpoints, CheckpointWorldSizeError
 from msl_ds.monitor import Monitor, set_progress
 from msl_ds.trainer import NonFiniteLossError, StageTrainer, lr_lambda
 
@@ -155,4 +162,63 @@ def test_nonfinite_step_skipped_and_training_goes_on(kind, caplog):
         assert torch.isfinite(final[name]).all(), name
     assert any(not torch.equal(final[n], after1[n]) for n in final)  # step 2 trained again
     assert torch.isfinite(torch.tensor(stats["train_loss"]))
+    D.destroy_engine(engine)
+
+
+# --------------------------------------------------------------------------- world size on resume
+
+
+def fake_ranks_checkpoint(root, world_size: int, batch: int | None, legacy: bool = False) -> Checkpoints:
+    """A pointer to a checkpoint written by ``world_size`` ranks (shard files, no contents)."""
+    tag = root / "step_000004"
+    tag.mkdir(parents=True)
+    for r in range(world_size):
+        (tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    info = {"tag": tag.name, "step": 4}
+    if not legacy:
+        info.update(world_size=world_size, train_batch_size=batch)
+    (root / "LATEST.json").write_text(json.dumps(info))
+    return Checkpoints(root, 3)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["pointer", "shard-count"])
+def test_checkpoint_from_other_world_size_refused_before_deepspeed(tmp_path, legacy):
+    """Checked before the engine is touched (there is none here); legacy pointers count shards."""
+    ckpts = fake_ranks_checkpoint(tmp_path / "ckpt", 2, 16, legacy)
+    with pytest.raises(CheckpointWorldSizeError) as e:
+        ckpts.load(engine=None)
+    msg = str(e.value)
+    ckpt = tmp_path / "ckpt" / "step_000004"
+    assert msg.startswith(f"{ckpt}: this mid-stage checkpoint of stage 3 was written by 2 ranks, but this run has 1")
+    assert "finish stage 3 on 2 ranks" in msg and f"delete {tmp_path / 'ckpt'} to restart stage 3" in msg
+    assert f"ds_to_universal --input_folder {ckpt} --output_folder {ckpt}_universal" in msg
+    assert ("(16 rows: " in msg) != legacy
+
+
+def test_universal_checkpoint_resumes_on_another_world_size(tmp_path):
+    """A checkpoint converted with ds_to_universal loads whatever the world size said at saving
+    (here: the pointer claims 2 ranks); it must keep the global batch the stage was planned with."""
+    engine, cfg = tiny_engine("train.micro_batch_size=4")
+    trainer(engine, cfg).run()
+    root = tmp_path / "ckpt"
+    Checkpoints(root, 4).save(engine, STEPS, {"stage": 4})
+    saved = weights(engine)
+    D.destroy_engine(engine)
+    tag = root / f"step_{STEPS:06d}"
+    convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag)]
+    run([*convert, "--output_folder", f"{tag}_universal", "--num_extract_workers", "1", "--num_merge_workers", "1"])
+    info = json.loads((root / "LATEST.json").read_text())
+    assert info["world_size"] == 1 and info["train_batch_size"] == 4
+    engine, cfg = tiny_engine("train.micro_batch_size=4")
+    before = weights(engine)
+    (root / "LATEST.json").write_text(json.dumps({**info, "world_size": 2, "train_batch_size": 8}))
+    with pytest.raises(CheckpointWorldSizeError, match="planned with 8 rows per optimizer step, but this run has 4"):
+        Checkpoints(root, 4).load(engine)
+    (root / "LATEST.json").write_text(json.dumps({**info, "world_size": 2}))
+    client = Checkpoints(root, 4).load(engine)
+    assert client["stage"] == 4 and client["step"] == STEPS and engine.global_steps == STEPS
+    loaded = weights(engine)
+    assert any(not torch.equal(before[n], saved[n]) for n in saved)
+    for name, w in saved.items():
+        assert torch.equal(loaded[name], w), name
     D.destroy_engine(engine)
