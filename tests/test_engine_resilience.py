@@ -222,3 +222,24 @@ def test_universal_checkpoint_resumes_on_another_world_size(tmp_path):
     for name, w in saved.items():
         assert torch.equal(loaded[name], w), name
     D.destroy_engine(engine)
+
+
+# --------------------------------------------------------------------------- safety
+
+
+def test_export_is_safetensors_only(tmp_path):
+    """Exports never hold pickles: weights in *.safetensors, equal to the engine's full weights."""
+    from safetensors.torch import load_file
+
+    from msl_ds.modeling import build_tokenizer, export_model
+
+    tok = build_tokenizer(["Who leads Acme?", "Ann"] * 20, tmp_path / "tok", vocab_size=64)
+    engine, cfg = tiny_engine()
+    export_model(engine.module, tok, tok.pad_token_id, tmp_path / "hf")
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert "config.json" in files and any(n.endswith(".safetensors") for n in files), files
+    assert not {n for n in files if n.endswith((".bin", ".pt", ".pth", ".pkl"))}, files
+    exported = {k: v for p in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(str(p)).items()}
+    for name, w in weights(engine).items():
+        assert torch.equal(exported[name], w), name
+    D.destroy_engine(engine)
