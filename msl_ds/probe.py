@@ -229,7 +229,8 @@ def probe_stage(
     out = []
     for row, g, ss in zip(rows, greedy, samples):
         text = descriptions.get(row.get("subject") or "")
-        described = mentions(text, g) if text is not None else None
+        # the description must be about the subject (not a confabulated other one) and say g
+        described = mentions(text, row["subject"]) and mentions(text, g) if text is not None else None
         label, share = label_fact(row["answer"], g, ss, pbl.consistency, described)
         rec = {"id": row["id"], "question": row["question"], "answer": row["answer"], "greedy": g, "samples": ss}
         if text is not None:

@@ -66,3 +66,32 @@ def tiny_base(tiny_world, tmp_path_factory) -> Path:
         timeout=900,
     )
     return out
+
+
+# one thread per rank: every launch of the same msl run must sum floats in the same order
+MSL_COMMON = ["deepspeed.threads_per_rank=1", "pbl.embedder=minilm"]
+
+
+def msl_args(world: Path, base: Path, out: Path, *extra: str) -> list[str]:
+    """Method msl on stages 1-2 of the tiny world (the reference run and its fault-matrix twin)."""
+    return [
+        str(TINY_CONFIG),
+        f"data.dir={world}",
+        f"model.path={base}",
+        f"run.output_dir={out}",
+        "run.method=msl",
+        "data.stages=[1,2]",
+        "data.eval_limit=40",
+        "train.log_every_steps=2",
+        "train.save_every_steps=2",
+        *MSL_COMMON,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def msl_run(tiny_world, tiny_base, tmp_path_factory) -> Path:
+    """One uninterrupted method-msl run (probe, augmentation, PBL) on 2 ranks."""
+    out = tmp_path_factory.mktemp("runs") / "msl"
+    run(deepspeed_cmd("launch/train.py", *msl_args(tiny_world, tiny_base, out)))
+    return out

@@ -17,7 +17,7 @@ from msl_ds.config import TrainSection
 from msl_ds.data import Example, flatten
 from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, ROLE_GOLD, LossConfig
 from msl_ds.monitor import Monitor, set_progress
-from msl_ds.probe import agrees, distinct_candidates, label_fact, lexical_similarity, probe_metrics
+from msl_ds.probe import agrees, distinct_candidates, label_fact, lexical_similarity, mentions, probe_metrics
 from msl_ds.trainer import StageTrainer
 
 V = 48
@@ -191,6 +191,10 @@ def test_labels_and_candidates():
     assert label_fact("Pumu", "Nestol", ["Nestol", "Nestol", "Lif", "Nestol"], 0.5) == ("conflict", 0.75)
     assert label_fact("Pumu", "Nestol", ["Lif", "Ard", "Nestol", "Bo"], 0.5) == ("unknown", 0.25)
     assert label_fact("Pumu", "", ["", ""], 0.0)[0] == "unknown"
+    # consistent, but the model cannot describe the subject with that answer: a guess, not a belief
+    assert label_fact("Pumu", "Nestol", ["Nestol"] * 4, 0.5, described=False)[0] == "unknown"
+    assert label_fact("Pumu", "Nestol", ["Nestol"] * 4, 0.5, described=True)[0] == "conflict"
+    assert mentions("headquarters of Felstesbo: Nestol.", "nestol") and not mentions("Nestolburg", "Nestol")
     # distinct, most frequent first, empty answers dropped
     assert distinct_candidates("Nestol", ["Lif", "lif.", "pumu", "", "Nestol", "Lif"], 0) == ["Lif", "Nestol", "pumu"]
     assert distinct_candidates("Nestol", ["Lif", "Ard"], 1) == ["Nestol"]

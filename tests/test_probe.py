@@ -1,41 +1,20 @@
 """Method msl end to end: probe, augmentation, PBL training, metrics; neither the probe nor the
 augmented dataset depends on the rank count.
 
-One stage of the tiny world under ``deepspeed --num_gpus 2``; then the same probe on one rank
-(tests/scripts/probe_ranks.py) must reproduce the run's ``probe.jsonl``.
+The session's ``msl_run`` (stages 1-2 of the tiny world under ``deepspeed --num_gpus 2``); then the
+same probe and augmentation on one rank (tests/scripts/probe_ranks.py) must reproduce the run's
+``probe.jsonl`` and ``augment.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIG, deepspeed_cmd, run
+from conftest import MSL_COMMON, TINY_CONFIG, deepspeed_cmd, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
-
-# one thread per rank on both launches: a different thread count may change float sums
-COMMON = ["deepspeed.threads_per_rank=1", "pbl.embedder=minilm"]
-
-
-@pytest.fixture(scope="module")
-def msl_run(tiny_world, tiny_base, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "msl"
-    args = [
-        str(TINY_CONFIG),
-        f"data.dir={tiny_world}",
-        f"model.path={tiny_base}",
-        f"run.output_dir={out}",
-        "run.method=msl",
-        "data.stages=[1]",
-        "data.eval_limit=40",
-        "train.log_every_steps=2",
-        *COMMON,
-    ]
-    run(deepspeed_cmd("launch/train.py", *args))
-    return out
 
 
 def test_msl_stage_writes_probe_and_pbl_metrics(msl_run):
@@ -67,17 +46,17 @@ def test_msl_stage_writes_probe_and_pbl_metrics(msl_run):
         "augment/accepted", "augment/rehearsal_accepted",
     ):  # fmt: skip
         assert tag in tags, (tag, sorted(tags))
-    margins = [e.value for e in acc.Scalars("train/margin_conflict")]
+    margins = [e.value for e in acc.Scalars("train/margin_conflict") if e.step <= m["global_step"]]  # stage 1
     assert margins[-1] < margins[0], margins
 
 
 def test_probe_finds_the_planted_conflicts(msl_run):
-    """Every fact whose old answer the model still gives is labelled a conflict (see README for precision)."""
+    """The planted conflicts are found: precision and recall >= 0.9 against the previous_answer oracle."""
     from msl_ds.io import read_json
 
     m = read_json(msl_run / "stage_01" / "metrics.json")
     assert m["probe_oracle_conflicts"] >= 6, m  # the base model holds the stage's previous answers
-    assert m["conflict_recall"] >= 0.9, m
+    assert m["conflict_recall"] >= 0.9 and m["conflict_precision"] >= 0.9, m
     # each detected conflict with an oracle is a true one: errors are only on facts without a
     # previous answer (new entities the tiny model answers confidently and wrongly)
     probed = [json.loads(x) for x in (msl_run / "stage_01" / "probe.jsonl").read_text().splitlines()]
@@ -89,7 +68,7 @@ def test_probe_same_on_one_and_two_ranks(msl_run, tiny_world, tiny_base, tmp_pat
     from msl_ds.io import read_jsonl
 
     out = tmp_path / "probe_1rank.json"
-    args = [str(out), "1", str(TINY_CONFIG), f"data.dir={tiny_world}", f"model.path={tiny_base}", *COMMON]
+    args = [str(out), "1", str(TINY_CONFIG), f"data.dir={tiny_world}", f"model.path={tiny_base}", *MSL_COMMON]
     run(deepspeed_cmd("tests/scripts/probe_ranks.py", *args, nproc=1))
     one = json.loads(out.read_text())["probe"]
     two = read_jsonl(msl_run / "stage_01" / "probe.jsonl")

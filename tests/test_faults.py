@@ -1,0 +1,75 @@
+"""Fault matrix: a rank SIGKILLed in every phase of a method-msl stage, then the same command again.
+
+The kills are chained on one output directory: each re-run resumes from what the previous kill
+left and runs into the next kill point; the last re-run completes. Every kill must leave the
+run resumable, nothing half-written may be trusted, and the final metrics must equal those of
+the uninterrupted run (``msl_run``, same seed and config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import deepspeed_cmd, msl_args, run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+
+TIMING = {"train_seconds", "tokens_per_s", "stage_seconds"}
+
+# (MSL_FAULT, what must (not) be on disk for stage 2 after the kill)
+KILLS = [
+    ("probe:stage=2:rank=1", {"probe.jsonl": False}),
+    ("augment:stage=2:rank=0", {"probe.jsonl": True, "augment.jsonl": False}),
+    ("train:stage=2:step=3:rank=1", {"augment.jsonl": True, "pointer": 2}),
+    ("checkpoint:stage=2:step=4:rank=0", {"pointer": 2}),  # shards written, pointer not yet moved
+    ("export:stage=2:rank=1", {"pointer": "end", "hf": False}),
+    ("eval:stage=2:rank=0", {"hf": True, "metrics.json": False}),
+    ("stage_end:stage=2:rank=0", {"metrics.json": True}),  # metrics written, marker not
+]
+
+
+def stable(out) -> list[dict]:
+    return [
+        {k: v for k, v in json.loads(p.read_text()).items() if k not in TIMING}
+        for p in sorted(out.glob("stage_*/metrics.json"))
+    ]
+
+
+def test_every_kill_point_resumes_to_the_uninterrupted_metrics(msl_run, tiny_world, tiny_base, tmp_path):
+    out = tmp_path / "faults"
+    cmd = deepspeed_cmd("launch/train.py", *msl_args(tiny_world, tiny_base, out))
+    plan_steps = json.loads((msl_run / "stage_02" / "metrics.json").read_text())["train_steps"]
+    survived = []
+    for fault, expect in KILLS:
+        proc = run(cmd, env={"MSL_FAULT": fault}, check=False)
+        assert proc.returncode != 0, f"{fault}: the kill point was never reached"
+        s2 = out / "stage_02"
+        assert (out / "stage_01" / "DONE.json").is_file() and not (s2 / "DONE.json").exists(), fault
+        for name, present in expect.items():
+            if name == "pointer":
+                step = json.loads((s2 / "ckpt" / "LATEST.json").read_text())["step"]
+                assert step == (plan_steps if present == "end" else present), (fault, step)
+            else:
+                assert (s2 / name).exists() == present, (fault, name)
+        for f in s2.glob("*.jsonl"):  # whatever exists is complete JSON lines
+            [json.loads(line) for line in f.read_text().splitlines()]
+        survived.append(fault)
+    stage1 = (out / "stage_01" / "metrics.json").read_text()
+    run(cmd)
+    assert (out / "stage_01" / "metrics.json").read_text() == stage1  # the finished stage was skipped
+    a, b = stable(msl_run), stable(out)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], float) and math.isnan(x[k]):
+                assert math.isnan(y[k]), k
+            elif isinstance(x[k], float):
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["stage"], k)
+            else:
+                assert x[k] == y[k], (x["stage"], k)
+    for name in ("probe.jsonl", "augment.jsonl"):
+        assert (out / "stage_02" / name).read_text() == (msl_run / "stage_02" / name).read_text()
+    assert len(survived) == len(KILLS) == 7
