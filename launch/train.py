@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from msl_ds import distributed as D  # noqa: E402
 from msl_ds.augment import KINDS, acceptance, run_augment, training_rows  # noqa: E402
-from msl_ds.config import RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
-from msl_ds.data import encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
-from msl_ds.engine import Checkpoints, build_engine, set_total_steps  # noqa: E402
+from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
+from msl_ds.data import DataError, check_lengths, encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
+from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps  # noqa: E402
 from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, outdated_share, transfer  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
 from msl_ds.generation import GenConfig  # noqa: E402
 from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
 from msl_ds.kernels import LossConfig  # noqa: E402
-from msl_ds.modeling import export_model, load_tokenizer  # noqa: E402
+from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
 from msl_ds.probe import attach_candidates, probe_metrics, probe_seed, probe_stage  # noqa: E402
 from msl_ds.trainer import StageTrainer, rng_state, set_rng_state  # noqa: E402
@@ -72,6 +72,9 @@ class Recipe:
         self.tokenizer = load_tokenizer(
             self.cfg.model.path, self.cfg.model.chat_template, self.cfg.model.trust_remote_code
         )
+        # every stage's rows and the model's positions are checked before anything is written
+        check_model_dir(self.cfg.model.path, self.cfg.data.max_seq_len)
+        check_lengths(self.world, self.tokenizer, self.cfg.data.max_seq_len, self.cfg.data.overlong)
         if D.is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
             write_text(self.out / "config.yaml", dump_yaml(self.cfg))
@@ -103,8 +106,10 @@ class Recipe:
         prev = self.previous(t)
         sdir = self.stage_dir(t)
         examples = self.training_examples(t)  # validated before the engine is built
-        engine, pad = build_engine(self.cfg, self.stage_ds_config(t), prev["model"])
         ckpts = Checkpoints(sdir / "ckpt", t)
+        if self.cfg.run.resume:
+            ckpts.check_world_size()  # a checkpoint from another rank count is refused before the engine
+        engine, pad = build_engine(self.cfg, self.stage_ds_config(t), prev["model"])
 
         # generation phases use π_{t-1}: they run before any checkpoint is loaded
         before = self.pre_eval(engine, pad, t, prev)
@@ -170,7 +175,7 @@ class Recipe:
 
     def training_examples(self, t: int):
         rows = list(self.world.split(t, "train"))
-        where = f"{self.cfg.data.dir}/stage_{t:02d}/train"
+        where = str(self.world.files.get((t, "train"), f"{self.cfg.data.dir}/stage_{t:02d}/train"))
         if self.cfg.run.method == "replay":
             n = int(round(self.cfg.replay.ratio * len(rows)))
             rows += replay_rows(self.world, t, n, self.cfg.replay.max_buffer, self.cfg.run.seed)
@@ -354,9 +359,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    recipe = Recipe(load_config(args.config, args.overrides))
-    recipe.setup()
-    recipe.run()
+    try:
+        recipe = Recipe(load_config(args.config, args.overrides))
+        recipe.setup()
+        recipe.run()
+    except (ConfigError, DataError, ModelError, CheckpointWorldSizeError) as exc:  # bad input: one clear line
+        print(f"msl_ds: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     recipe.cleanup()  # on an error the process exits without a barrier the dead rank would hang
 
 
