@@ -17,6 +17,7 @@ Evaluation uses ``--split`` (``test`` by default). Hyperparameters are chosen wi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import socket
@@ -101,6 +102,10 @@ def aggregate(out: Path, methods: list[str], seeds: list[int]) -> dict[str, Any]
         final = {k: mean_std([r[-1].get(k, nan) for r in runs]) for k in FINAL}
         final.update({k: mean_std([statistics.fmean([st.get(k, nan) for st in r]) for r in runs]) for k in MEANS})
         final["wall_seconds"] = mean_std(walls)
+        # the first stage's changed facts (DESIGN.md: the conflicts): accuracy and old answers given
+        changed = [first_stage_changed(out / "runs" / m / f"seed{s}", stages[0]) for s in seeds]
+        final["stage1_changed_acc"] = mean_std([c[0] for c in changed])
+        final["stage1_changed_outdated"] = mean_std([c[1] for c in changed])
         per_stage = {
             k: [mean_std([r[i].get(k, nan) for r in runs]) for i in range(len(stages))]
             for k in ("acc", "new_acc", "kgr", "krr", "bwt", "retain", "general", "outdated", *MEANS[3:])
@@ -113,15 +118,26 @@ def aggregate(out: Path, methods: list[str], seeds: list[int]) -> dict[str, Any]
     return result
 
 
+def first_stage_changed(run_dir: Path, stage: int) -> tuple[float, float]:
+    """(accuracy, share answered with the previous answer) on the changed facts of ``stage``."""
+    rows = [json.loads(x) for x in (run_dir / f"stage_{stage:02d}" / "eval.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r["set"] == f"stage_{stage:02d}" and r.get("previous_answer")]
+    if not mine:
+        return float("nan"), float("nan")
+    return sum(r["correct"] for r in mine) / len(mine), sum(r["outdated"] for r in mine) / len(mine)
+
+
 def _pm(d: dict[str, Any]) -> str:
     return "—" if math.isnan(d["mean"]) else f"{d['mean']:.3f} ± {d['std']:.3f}"
 
 
 def summary_markdown(res: dict[str, Any], seeds: list[int], split: str) -> str:
-    cols = [*FINAL, *MEANS, "wall_seconds"]
+    cols = [*FINAL, *MEANS, "stage1_changed_acc", "stage1_changed_outdated", "wall_seconds"]
     lines = [
         f"Mean ± std over seeds {seeds}, evaluated on the `{split}` phrasings. acc, bwt, retain, general and "
-        "outdated after the last stage; new_acc, kgr, krr and conflict precision/recall averaged over stages.",
+        "outdated after the last stage; new_acc, kgr, krr and conflict precision/recall averaged over stages; "
+        "stage1_changed_*: the first stage's changed facts right after it (accuracy, share still answered with "
+        "the previous answer); wall_seconds per run.",
         "",
         "| method | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
