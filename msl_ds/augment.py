@@ -171,7 +171,7 @@ def augment_stage(
     subjects = list(stage_subjects)
     if aug.reach == "all":
         subjects += other_subjects(rows, earlier, aug.other_subjects, seed)
-    background: dict[str, tuple[str, dict[str, Any]]] = {}
+    background: dict[str, tuple[str, str, dict[str, Any]]] = {}  # subject -> (fixed text, prompt, raw output)
     if subjects and (aug.background or aug.rehearsal):
         prompts = [skills.background_prompt.format(subject=s) for s in subjects]
         cfg = dataclasses.replace(greedy, max_new_tokens=aug.background_max_new_tokens)
@@ -180,7 +180,7 @@ def augment_stage(
             text = o["text"]
             for old, new in stale.get(s, []):
                 text = replace_stale(text, old, new)
-            background[s] = (text, o)
+            background[s] = (text, p, o)
             if aug.rehearsal:
                 golds = sorted({r["answer"] for r in rows if r.get("subject") == s})
                 records.append(
@@ -215,9 +215,9 @@ def augment_stage(
         for phrasings in facts.values():
             r = phrasings[0]
             if r.get("subject") in background:
-                text, o = background[r["subject"]]
+                text, prompt, o = background[r["subject"]]
                 q = f"{text} {r['question']}" if text else ""
-                records.append(_record("background", r["id"], r["subject"], q, o, q, r["answer"], x=r["question"]))
+                records.append(_record("background", r["id"], r["subject"], prompt, o, q, r["answer"], x=r["question"]))
 
     # the model answers every rewritten question: ŷ, for the selection
     asked = [rec for rec in records if rec["kind"] in QUESTION_KINDS and rec["question"]]
