@@ -1,5 +1,5 @@
 # msl_ds: the two commands of the README, and what they need.
-#   make train   set up .venv, build the default world and base model (cached), run the 7 stages
+#   make train   set up .venv, build the default world and base model (cached), run the 7 stages (method msl)
 #   make test    set up .venv and run the test suite
 PY      ?= python3
 VENV    ?= .venv
@@ -13,7 +13,7 @@ TORCH   ?= torch==2.13.0
 # do not rebuild it for each other
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup train world base test test-fast lint bench clean
+.PHONY: setup train world base test test-fast lint bench bench-gen bench-paper clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,13 @@ lint: setup
 
 bench: setup
 	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_train_throughput.py
+
+bench-gen: base
+	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_generation.py
+
+# the paper's comparison (README): 6 methods x 3 seeds, two single-rank runs at a time
+bench-paper: base
+	PATH=$(BIN):$$PATH $(BIN)/python launch/compare.py --jobs 2 --nproc 1 train.grad_accum=2 --out results/paper $(ARGS)
 
 clean:
 	rm -rf runs artifacts data results

@@ -20,7 +20,7 @@ TIMING = {"train_seconds", "tokens_per_s", "stage_seconds"}
 
 # (MSL_FAULT, what must (not) be on disk for stage 2 after the kill)
 KILLS = [
-    ("probe:stage=2:rank=1", {"probe.jsonl": False}),
+    ("probe:stage=2:rank=0", {"probe.jsonl": False}),  # rank 0 dies before it writes
     ("augment:stage=2:rank=0", {"probe.jsonl": True, "augment.jsonl": False}),
     ("train:stage=2:step=3:rank=1", {"augment.jsonl": True, "pointer": 2}),
     ("checkpoint:stage=2:step=4:rank=0", {"pointer": 2}),  # shards written, pointer not yet moved
