@@ -216,3 +216,25 @@ def test_replay_trains_on_earlier_rows(reference, tiny_world, tiny_base, tmp_pat
     assert rep["train_rows"] == 3 * sft["train_rows"]  # the stage's rows + twice as many replayed
     assert rep["train_steps"] > sft["train_steps"]
     assert rep["matrix"]["0"] == sft["matrix"]["0"]  # same base model, same row 0
+
+
+def test_rank_count_changes_at_stage_boundaries(reference, tiny_world, tiny_base, tmp_path):
+    """2 -> 1 -> 2 ranks: stage 1 from the 2-rank reference, stage 2 on 1 rank, stage 3 on 2 again.
+
+    Each stage starts from the previous stage's Hugging Face export, so the rank count may change
+    between stages; 1 rank with grad_accum 2 keeps the global batch of 16 rows.
+    """
+    out = tmp_path / "ranks"
+    out.mkdir()
+    shutil.copytree(reference / "stage_01", out / "stage_01")  # finished on 2 ranks (marker + checksums)
+    one = run_args(tiny_world, tiny_base, out, "train.grad_accum=2", "deepspeed.threads_per_rank=1")
+    run(deepspeed_cmd("launch/train.py", *[a if a != STAGES else "data.stages=[1,2]" for a in one], nproc=1))
+    run(deepspeed_cmd("launch/train.py", *run_args(tiny_world, tiny_base, out)))
+    got, want = stable(out), stable(reference)
+    assert [m["world_size"] for m in got] == [2, 1, 2]
+    assert got[0] == want[0]  # the finished stage was kept, not redone
+    for g, w in zip(got[1:], want[1:]):
+        assert g["train_steps"] == w["train_steps"] and g["global_step"] == w["global_step"]
+        assert g["train_loss"] == pytest.approx(w["train_loss"], rel=0.05), (g["stage"], g["train_loss"])
+        for k in ("new_acc", "acc", "retain"):  # the same training up to float summation order
+            assert abs(g[k] - w[k]) <= 0.1, (g["stage"], k, g[k], w[k])
