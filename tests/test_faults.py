@@ -1,7 +1,8 @@
 """Fault matrix: a rank SIGKILLed in every phase of a method-msl stage, then the same command again.
 
-The kills are chained on one output directory: each re-run resumes from what the previous kill
-left and runs into the next kill point; the last re-run completes. Every kill must leave the
+The kills are chained on one output directory that starts with the reference's finished stage 1:
+each re-run resumes stage 2 from what the previous kill left and runs into the next kill point;
+the last re-run completes. Every kill must leave the
 run resumable, nothing half-written may be trusted, and the final metrics must equal those of
 the uninterrupted run (``msl_run``, same seed and config).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from conftest import deepspeed_cmd, msl_args, run
@@ -39,6 +41,8 @@ def stable(out) -> list[dict]:
 
 def test_every_kill_point_resumes_to_the_uninterrupted_metrics(msl_run, tiny_world, tiny_base, tmp_path):
     out = tmp_path / "faults"
+    out.mkdir()
+    shutil.copytree(msl_run / "stage_01", out / "stage_01")  # stage 1 finished (marker + checksums)
     cmd = deepspeed_cmd("launch/train.py", *msl_args(tiny_world, tiny_base, out))
     plan_steps = json.loads((msl_run / "stage_02" / "metrics.json").read_text())["train_steps"]
     survived = []
