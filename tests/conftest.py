@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
@@ -95,3 +97,28 @@ def msl_run(tiny_world, tiny_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "msl"
     run(deepspeed_cmd("launch/train.py", *msl_args(tiny_world, tiny_base, out)))
     return out
+
+
+TIMING = {"train_seconds", "tokens_per_s", "stage_seconds"}
+
+
+def stable(out: Path) -> list[dict]:
+    """Every stage's metrics without wall-clock fields."""
+    return [
+        {k: v for k, v in json.loads(p.read_text()).items() if k not in TIMING}
+        for p in sorted(out.glob("stage_*/metrics.json"))
+    ]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], stages: int) -> None:
+    """Two runs' stage metrics agree: integers and strings exactly, floats to rel 1e-5."""
+    assert len(a) == len(b) == stages
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], float) and math.isnan(x[k]):
+                assert math.isnan(y[k]), k
+            elif isinstance(x[k], float):
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["stage"], k)
+            else:
+                assert x[k] == y[k], (x["stage"], k)

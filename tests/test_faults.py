@@ -10,15 +10,12 @@ the uninterrupted run (``msl_run``, same seed and config).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import pytest
-from conftest import deepspeed_cmd, msl_args, run
+from conftest import assert_same_metrics, deepspeed_cmd, msl_args, run, stable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
-
-TIMING = {"train_seconds", "tokens_per_s", "stage_seconds"}
 
 # (MSL_FAULT, what must (not) be on disk for stage 2 after the kill)
 KILLS = [
@@ -30,13 +27,6 @@ KILLS = [
     ("eval:stage=2:rank=0", {"hf": True, "metrics.json": False}),
     ("stage_end:stage=2:rank=0", {"metrics.json": True}),  # metrics written, marker not
 ]
-
-
-def stable(out) -> list[dict]:
-    return [
-        {k: v for k, v in json.loads(p.read_text()).items() if k not in TIMING}
-        for p in sorted(out.glob("stage_*/metrics.json"))
-    ]
 
 
 def test_every_kill_point_resumes_to_the_uninterrupted_metrics(msl_run, tiny_world, tiny_base, tmp_path):
@@ -63,17 +53,7 @@ def test_every_kill_point_resumes_to_the_uninterrupted_metrics(msl_run, tiny_wor
     stage1 = (out / "stage_01" / "metrics.json").read_text()
     run(cmd)
     assert (out / "stage_01" / "metrics.json").read_text() == stage1  # the finished stage was skipped
-    a, b = stable(msl_run), stable(out)
-    assert len(a) == len(b) == 2
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            if isinstance(x[k], float) and math.isnan(x[k]):
-                assert math.isnan(y[k]), k
-            elif isinstance(x[k], float):
-                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["stage"], k)
-            else:
-                assert x[k] == y[k], (x["stage"], k)
+    assert_same_metrics(stable(msl_run), stable(out), 2)
     for name in ("probe.jsonl", "augment.jsonl"):
         assert (out / "stage_02" / name).read_text() == (msl_run / "stage_02" / name).read_text()
     assert len(survived) == len(KILLS) == 7
