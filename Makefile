@@ -9,8 +9,8 @@ CONFIG  ?= ds_configs/run_cpu_default.yaml
 SIZE    ?= default
 WORLD   ?= data/world_$(SIZE)
 TORCH   ?= torch==2.13.0
-# DeepSpeed JIT-builds a C++ op on first launch; keep the build per venv so two checkouts
-# do not rebuild it for each other
+# DeepSpeed JIT-builds a C++ op on first launch; setup builds it once, per venv, so that no
+# launch (or test) compiles it and two checkouts do not rebuild it for each other
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup train world base test test-fast lint bench bench-gen bench-paper clean
@@ -20,6 +20,7 @@ $(BIN)/.installed: setup.py
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python -c "import msl_ds.distributed as d; d.build_ops()"
 	touch $@
 
 setup: $(BIN)/.installed

@@ -51,6 +51,44 @@ def init(backend: str = "auto", timeout_s: int = 1800, threads_per_rank: int = 0
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _local_world_size()
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // max(local, 1))
         torch.set_num_threads(threads)
+    _unlink_shm_workspace()
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove the name of DeepSpeed's CPU all-reduce workspace from /dev/shm once every rank has it mapped.
+
+    When all ranks share a host, DeepSpeed's shm comm op creates one ~69 MB segment per rank,
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, and never unlinks it: every
+    launch leaks it into RAM-backed tmpfs until reboot (upstream: deepspeedai/DeepSpeed#4115).
+    Each rank maps every peer's segment inside ``init_distributed``, so after a barrier the names
+    are no longer needed; the mappings stay valid and the memory is freed when the ranks exit,
+    even when they are killed.
+    """
+    if dist.get_world_size() > 1:  # on every rank alike, whether or not the op made a segment
+        with _collective("shm workspace barrier"):
+            dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank()
+    )
+    with contextlib.suppress(FileNotFoundError):  # no segment: GPU, multi-node, or torchrun (no LOCAL_SIZE)
+        os.unlink(os.path.join("/dev/shm", name))
+
+
+def build_ops() -> None:
+    """Build the C++ op DeepSpeed JIT-compiles on first launch (CPU shm all-reduce), once, up front.
+
+    Without this the first launch on a fresh machine compiles it inside rank 0 (about a minute on
+    2 cores) while its peers wait on a lock file; a launch killed mid-compile leaves that lock
+    behind and every later launch waits on it forever. ``make setup`` calls this.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    import deepspeed.ops
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+        log.info("built %s", builder.absolute_name())
 
 
 def _local_world_size() -> int:

@@ -43,7 +43,16 @@ def run(
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    assert not leaked_shm(cmd), f"launch left DeepSpeed shm segments in /dev/shm: {leaked_shm(cmd)}"
     return proc
+
+
+def leaked_shm(cmd: list[str]) -> list[str]:
+    """DeepSpeed's CPU all-reduce segments a finished (or killed) launch left behind in /dev/shm."""
+    if "--master_port" not in cmd or not os.path.isdir("/dev/shm"):
+        return []
+    port = cmd[cmd.index("--master_port") + 1]
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in n)
 
 
 def deepspeed_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
