@@ -81,9 +81,8 @@ def build_ops() -> None:
     2 cores) while its peers wait on a lock file; a launch killed mid-compile leaves that lock
     behind and every later launch waits on it forever. ``make setup`` calls this.
     """
-    from deepspeed.accelerator import get_accelerator
-
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
