@@ -15,7 +15,7 @@ import shutil
 import pytest
 from conftest import assert_same_metrics, deepspeed_cmd, msl_args, run, stable
 
-pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed, pytest.mark.slow]
 
 # (MSL_FAULT, what must (not) be on disk for stage 2 after the kill)
 KILLS = [
