@@ -7,10 +7,21 @@ Contenders (all followed by the same cheap loss head: SFT on chosen rows + DPO o
 * ``chunked-inplace``  same with ``inplace_backward=True`` (grad written into the logits buffer);
 * ``triton`` / ``triton-inplace``  Triton kernels (CUDA only);
 * ``naive-linear``     ``hidden @ W.T`` then naive (baseline of the fused-linear rows);
+* ``matmul+kernel``    ``hidden @ W.T`` then the in-place logits kernel (Triton on CUDA, chunked on
+                       CPU): the fused-linear variant's time target (<= 1.3x) is against this row;
 * ``fused-linear``     msl_ds.kernels.fused_linear_sequence_logprobs (never builds logits);
 * ``liger-dpo``        Liger-Kernel ``LigerFusedLinearDPOLoss`` (reference-free, when installed).
 
-Ratios: logit-based rows are relative to ``naive``; linear rows to ``naive-linear``.
+Ratios: logit-based rows are relative to ``naive``; linear rows to ``naive-linear``; the
+``x mm+k`` column relates ``fused-linear`` to ``matmul+kernel``.
+
+Bandwidth floor (logit rows): the logits must be read once forward and read and written once
+backward, 3·N·T·V·elem bytes; ``floor ms`` divides that by the copy bandwidth measured in the
+same run (``dst.copy_(src)`` on a 1 GiB (CUDA) / 256 MiB (CPU) buffer, 2 bytes moved per byte
+copied), and ``x floor`` is the row's time over it.
+
+Working memory (linear rows): ``work MiB`` = peak extra minus the gradients the step must
+return (d hidden, d W); for ``fused-linear`` it grows with N·T, not N·T·V.
 
 Memory ("extra" = peak during one fwd+bwd minus memory held right before it, i.e. after the
 inputs exist; it includes gradient buffers such as d logits / d W that the step allocates):
@@ -45,7 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 LOGIT_ROWS = ["naive", "chunked", "chunked-inplace", "triton", "triton-inplace"]
-LINEAR_ROWS = ["naive-linear", "fused-linear", "liger-dpo"]
+LINEAR_ROWS = ["naive-linear", "matmul+kernel", "fused-linear", "liger-dpo"]
 
 
 # ----------------------------------------------------------------------------- memory helpers (CPU)
@@ -154,6 +165,10 @@ def _step(spec: dict, inp: dict) -> None:
     if c in ("naive", "naive-linear"):
         x = _sink(inp["logits"]) if c == "naive" else inp["hidden"] @ inp["weight"].T
         logps, n = naive_sequence_logprobs(x, t, m)
+    elif c == "matmul+kernel":
+        x = inp["hidden"] @ inp["weight"].T
+        backend = "triton" if spec["device"] == "cuda" else "torch"
+        logps, n = sequence_logprobs(x, t, m, backend=backend, inplace_backward=True)
     elif c in ("chunked", "chunked-inplace", "triton", "triton-inplace"):
         inplace = c.endswith("inplace")
         x = _sink(inp["logits"])  # non-leaf alias, like the output of the lm_head
@@ -217,6 +232,26 @@ def measure(spec: dict) -> dict:
     return {"time_s": statistics.median(times) if times else None, "extra_bytes": extra}
 
 
+def copy_bandwidth(device: str, reps: int) -> float:
+    """Achievable memory bandwidth in bytes/s: ``dst.copy_(src)`` moves 2 bytes per byte copied."""
+    import torch
+
+    nbytes = (1 << 30) if device == "cuda" else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    times = []
+    for _ in range(max(reps, 3)):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
 def _subprocess(spec: dict, env: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
@@ -243,6 +278,10 @@ def run_isolated(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def _fmt(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    return format(row[key] * scale, fmt) if key in row else "-"
 
 
 def main() -> int:
@@ -309,6 +348,8 @@ def main() -> int:
         f"# device={'cuda:' + torch.cuda.get_device_name() if cuda else 'cpu'} threads={a.threads or torch.get_num_threads()} "
         f"N={N} T={T} tokens={tokens} H={H} prompt_frac={a.prompt_frac} reps={reps} torch={torch.__version__}"
     )
+    bw = copy_bandwidth("cuda" if cuda else "cpu", reps)
+    print(f"# copy bandwidth {bw / 1e9:.1f} GB/s (floor = 3·N·T·V·elem bytes at this rate)")
     rows = []
     for V in vocab:
         for dt in dtypes:
@@ -335,20 +376,32 @@ def main() -> int:
                 if "error" not in r and base and "error" not in base:
                     row["time_ratio"] = r["time_s"] / base["time_s"]
                     row["mem_ratio"] = r["extra_bytes"] / max(base["extra_bytes"], 1)
+                elem = torch.empty((), dtype=getattr(torch, dt)).element_size()
+                if "error" not in r and c in LOGIT_ROWS:
+                    row["floor_s"] = 3 * N * T * V * elem / bw
+                    row["floor_ratio"] = r["time_s"] / row["floor_s"]
+                if "error" not in r and c in LINEAR_ROWS:
+                    row["work_bytes"] = r["extra_bytes"] - (N * T * H + V * H) * elem
+                mk = res.get("matmul+kernel", {})
+                if c == "fused-linear" and "error" not in r and mk and "error" not in mk:
+                    row["mmk_ratio"] = r["time_s"] / mk["time_s"]
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    hdr = "| V | dtype | contender | fwd+bwd ms | x naive | peak extra MiB | x naive |"
+    hdr = (
+        "| V | dtype | contender | fwd+bwd ms | x naive | floor ms | x floor | x mm+k "
+        "| peak extra MiB | x naive | work MiB |"
+    )
     print(hdr)
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 11)
     for r in rows:
         if "error" in r:
-            print(f"| {r['V']} | {r['dtype']} | {r['contender']} | error: {r['error'][:60]} | | | |")
+            print(f"| {r['V']} | {r['dtype']} | {r['contender']} | error: {r['error'][:60]} |" + " |" * 7)
             continue
-        tr = f"{r['time_ratio']:.2f}" if "time_ratio" in r else "-"
-        mr = f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"
+
         print(
-            f"| {r['V']} | {r['dtype']} | {r['contender']} | {r['time_s'] * 1e3:.1f} | {tr} | "
-            f"{r['extra_bytes'] / 2**20:.1f} | {mr} |"
+            f"| {r['V']} | {r['dtype']} | {r['contender']} | {r['time_s'] * 1e3:.1f} | {_fmt(r, 'time_ratio', '.2f')} "
+            f"| {_fmt(r, 'floor_s', '.2f', 1e3)} | {_fmt(r, 'floor_ratio', '.2f')} | {_fmt(r, 'mmk_ratio', '.2f')} "
+            f"| {r['extra_bytes'] / 2**20:.1f} | {_fmt(r, 'mem_ratio', '.3f')} | {_fmt(r, 'work_bytes', '.1f', 2**-20)} |"
         )
     if a.json:
         with open(a.json, "w") as f:
