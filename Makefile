@@ -12,6 +12,10 @@ TORCH   ?= torch==2.13.0
 # DeepSpeed JIT-builds a C++ op on first launch; setup builds it once, per venv, so that no
 # launch (or test) compiles it and two checkouts do not rebuild it for each other
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# every recipe sees the venv first: its deepspeed/mpirun, and its ninja, which must be the one
+# that built the op above (ninja 1.11 and 1.13 cannot read each other's build log: a launch with
+# the other one on PATH rebuilds the op, ~1 min)
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup train world base test test-slow test-fast lint bench bench-gen bench-paper clean
 
@@ -33,34 +37,34 @@ world: setup
 	test -f $(WORLD)/world.json || $(BIN)/python launch/make_world.py --out $(WORLD) --size $(SIZE)
 
 base: world
-	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) launch/make_base.py $(CONFIG)
+	$(BIN)/deepspeed --num_gpus $(NPROC) launch/make_base.py $(CONFIG)
 
 train: base
-	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(CONFIG) $(ARGS)
+	$(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(CONFIG) $(ARGS)
 
 test: setup
-	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # the fault matrix (a rank killed in every phase, 8 launches): CI runs it after `make test`
 test-slow: setup
-	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-fast: setup
-	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check msl_ds launch tests benchmarks
 	$(BIN)/ruff format --check msl_ds launch tests benchmarks
 
 bench: setup
-	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_train_throughput.py
+	$(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_train_throughput.py
 
 bench-gen: base
-	PATH=$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_generation.py
+	$(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_generation.py
 
 # the paper's comparison (README): 6 methods x 3 seeds, two single-rank runs at a time
 bench-paper: base
-	PATH=$(BIN):$$PATH $(BIN)/python launch/compare.py --jobs 2 --nproc 1 train.grad_accum=2 --out results/paper $(ARGS)
+	$(BIN)/python launch/compare.py --jobs 2 --nproc 1 train.grad_accum=2 --out results/paper $(ARGS)
 
 clean:
 	rm -rf runs artifacts data results

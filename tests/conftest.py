@@ -15,6 +15,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TINY_CONFIG = REPO / "ds_configs" / "run_cpu_tiny.yaml"
+# in-process DeepSpeed (and every launch below) finds the venv's ninja, the one `make setup` built
+# DeepSpeed's op with: another ninja cannot read its build log and rebuilds the op (~1 min)
+os.environ["PATH"] = f"{BIN}:{os.environ.get('PATH', '')}"
 
 
 def free_port() -> int:
