@@ -46,7 +46,8 @@ def run(
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
-    assert not leaked_shm(cmd), f"launch left DeepSpeed shm segments in /dev/shm: {leaked_shm(cmd)}"
+    left = leaked_shm(cmd)
+    assert not left, f"launch left DeepSpeed shm segments in /dev/shm: {left}"
     return proc
 
 
