@@ -28,7 +28,6 @@ def free_port() -> int:
 
 def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(REPO)
     env["MSL_NO_PROGRESS"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
