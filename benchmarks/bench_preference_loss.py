@@ -9,7 +9,9 @@ Contenders (all followed by the same cheap loss head: SFT on chosen rows + DPO o
 * ``naive-linear``     ``hidden @ W.T`` then naive (baseline of the fused-linear rows);
 * ``matmul+kernel``    ``hidden @ W.T`` then the in-place logits kernel (Triton on CUDA, chunked on
                        CPU): the fused-linear variant's time target (<= 1.3x) is against this row;
-* ``fused-linear``     msl_ds.kernels.fused_linear_sequence_logprobs (never builds logits);
+* ``fused-linear``     msl_ds.kernels.fused_linear_sequence_logprobs (never builds logits; Triton
+                       block kernels on CUDA);
+* ``fused-linear-torch``  the same with ``backend="torch"`` (CUDA only; on CPU it is ``fused-linear``);
 * ``liger-dpo``        Liger-Kernel ``LigerFusedLinearDPOLoss`` (reference-free, when installed).
 
 Ratios: logit-based rows are relative to ``naive``; linear rows to ``naive-linear``; the
@@ -56,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 LOGIT_ROWS = ["naive", "chunked", "chunked-inplace", "triton", "triton-inplace"]
-LINEAR_ROWS = ["naive-linear", "matmul+kernel", "fused-linear", "liger-dpo"]
+LINEAR_ROWS = ["naive-linear", "matmul+kernel", "fused-linear", "fused-linear-torch", "liger-dpo"]
 
 
 # ----------------------------------------------------------------------------- memory helpers (CPU)
@@ -108,14 +110,16 @@ def _build(spec: dict):
     ci, ri = torch.arange(B, device=dev), torch.arange(B, 2 * B, device=dev)
     cfg = LossConfig(sft=1.0, dpo=1.0, beta=0.1)
     inp = dict(targets=targets, mask=mask, roles=roles, ref=ref, ci=ci, ri=ri, cfg=cfg)
+    # random data drawn where it will live (a CPU generator for 16k x 128k would take minutes)
+    gd = g if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(0)
     if spec["contender"] in LOGIT_ROWS:
         logits = torch.empty(N, T, V, dtype=dt, device=dev)
         for n in range(N):  # fill row by row: no full-size fp32 temporary
-            logits[n] = torch.randn(T, V, generator=g, dtype=torch.float32).to(dev, dt) * 2
+            logits[n] = torch.randn(T, V, generator=gd, dtype=torch.float32, device=dev).to(dt) * 2
         inp["logits"] = logits.requires_grad_()
     else:
-        inp["hidden"] = (torch.randn(N, T, H, generator=g) * 1.0).to(dev, dt).requires_grad_()
-        inp["weight"] = (torch.randn(V, H, generator=g) / H**0.5).to(dev, dt).requires_grad_()
+        inp["hidden"] = torch.randn(N, T, H, generator=gd, device=dev).to(dt).requires_grad_()
+        inp["weight"] = (torch.randn(V, H, generator=gd, device=dev) / H**0.5).to(dt).requires_grad_()
     return inp
 
 
@@ -175,8 +179,11 @@ def _step(spec: dict, inp: dict) -> None:
         logps, n = sequence_logprobs(
             x, t, m, backend="torch" if c.startswith("chunked") else "triton", inplace_backward=inplace
         )
-    elif c == "fused-linear":
-        logps, n = fused_linear_sequence_logprobs(inp["hidden"], inp["weight"], t, m)
+    elif c in ("fused-linear", "fused-linear-torch"):
+        backend = "torch" if c.endswith("torch") else "auto"
+        logps, n = fused_linear_sequence_logprobs(
+            inp["hidden"], inp["weight"], t, m, backend=backend, **spec.get("fused_kw", {})
+        )
     else:
         raise ValueError(c)
     loss, _ = preference_loss_from_logps(
@@ -230,6 +237,19 @@ def measure(spec: dict) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {"time_s": statistics.median(times) if times else None, "extra_bytes": extra}
+
+
+def measure_cuda(spec: dict) -> dict:
+    """CUDA: measure in this process; a failing contender (e.g. out of memory) becomes an error row."""
+    import torch
+
+    try:
+        return measure(spec)
+    except Exception as e:  # noqa: BLE001 - report and go on with the next contender
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def copy_bandwidth(device: str, reps: int) -> float:
@@ -342,7 +362,9 @@ def main() -> int:
     contenders = a.contenders or [
         c
         for c in LOGIT_ROWS + LINEAR_ROWS
-        if (have_triton or not c.startswith("triton")) and (have_liger or c != "liger-dpo")
+        if (have_triton or not c.startswith("triton"))
+        and (have_liger or c != "liger-dpo")
+        and (cuda or c != "fused-linear-torch")
     ]
     print(
         f"# device={'cuda:' + torch.cuda.get_device_name() if cuda else 'cpu'} threads={a.threads or torch.get_num_threads()} "
@@ -369,7 +391,7 @@ def main() -> int:
                     prompt_frac=a.prompt_frac,
                     threads=a.threads,
                 )
-                r = run_isolated(spec) if not cuda else measure(spec)
+                r = run_isolated(spec) if not cuda else measure_cuda(spec)
                 res[c] = r
                 base = res.get("naive" if c in LOGIT_ROWS else "naive-linear", {})
                 row = dict(V=V, dtype=dt, contender=c, **r)
@@ -383,7 +405,7 @@ def main() -> int:
                 if "error" not in r and c in LINEAR_ROWS:
                     row["work_bytes"] = r["extra_bytes"] - (N * T * H + V * H) * elem
                 mk = res.get("matmul+kernel", {})
-                if c == "fused-linear" and "error" not in r and mk and "error" not in mk:
+                if c.startswith("fused-linear") and "error" not in r and mk and "error" not in mk:
                     row["mmk_ratio"] = r["time_s"] / mk["time_s"]
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)

@@ -194,7 +194,7 @@ def test_triton_interpreter_matches_fp64_reference(seed):
     print(proc.stdout)
     print(proc.stderr[-5000:])
     assert proc.returncode == 0, f"seed={seed}: triton interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    assert proc.stdout.count("PASS") == 5
+    assert proc.stdout.count("PASS") == 8
 
 
 def test_triton_requires_cuda_or_interpreter(monkeypatch):
@@ -261,13 +261,17 @@ def test_triton_cuda_matches_chunked_large_vocab_bf16(seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fused_linear_cuda_bf16(seed):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("chunk_tokens", [16, 4096])  # several token chunks (fp32 d W accumulator) / one
+def test_fused_linear_cuda_bf16(seed, backend, chunk_tokens):
     N, T, H, V = 2, 33, 64, 1000
     hidden = torch.randn(N, T, H, device="cuda").bfloat16().requires_grad_()
     weight = (torch.randn(V, H, device="cuda") / 8).bfloat16().requires_grad_()
     targets = torch.randint(0, V, (N, T), device="cuda")
     mask = torch.rand(N, T, device="cuda") > 0.3
-    lp, _ = fused_linear_sequence_logprobs(hidden, weight, targets, mask, chunk_tokens=16, chunk_vocab=256)
+    lp, _ = fused_linear_sequence_logprobs(
+        hidden, weight, targets, mask, chunk_tokens=chunk_tokens, chunk_vocab=256, backend=backend
+    )
     lp.sum().backward()
     h2 = hidden.detach().double().requires_grad_()
     w2 = weight.detach().double().requires_grad_()
@@ -284,6 +288,17 @@ def test_fused_linear_cuda_bf16(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_linear_matches_reference(seed, dtype, bias):
+    check_fused_linear(seed, dtype, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_one_token_chunk_writes_dw_directly(seed, dtype):
+    """All valid tokens in one chunk: d W is written by the matmul itself (no fp32 accumulator)."""
+    check_fused_linear(seed, dtype, False, chunk_tokens=10**6, chunk_vocab=50)
+
+
+def check_fused_linear(seed, dtype, bias, *, backend="torch", chunk_tokens=7, chunk_vocab=50):
+    """fused_linear_sequence_logprobs (value and every gradient) against an fp64 reference."""
     N, T, H, V = 3, 23, 16, 123
     hidden = torch.randn(N, T, H).to(dtype).requires_grad_()
     weight = (torch.randn(V, H) * 0.5).to(dtype).requires_grad_()
@@ -291,7 +306,9 @@ def test_fused_linear_matches_reference(seed, dtype, bias):
     _, targets, mask = make_inputs(N, T, 2, torch.float32)
     targets = torch.randint(0, V, (N, T)).masked_fill(targets == -100, -100)
     g = torch.randn(N, dtype=torch.float64)
-    lp, n = fused_linear_sequence_logprobs(hidden, weight, targets, mask, bias=b, chunk_tokens=7, chunk_vocab=50)
+    lp, n = fused_linear_sequence_logprobs(
+        hidden, weight, targets, mask, bias=b, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, backend=backend
+    )
     (lp * g.to(lp.dtype)).sum().backward()
     h2 = hidden.detach().double().requires_grad_()
     w2 = weight.detach().double().requires_grad_()
@@ -300,7 +317,7 @@ def test_fused_linear_matches_reference(seed, dtype, bias):
     valid = mask & (targets != -100)
     lp_ref = (torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * valid).sum(-1)
     (lp_ref * g).sum().backward()
-    msg = f"seed={seed} dtype={dtype} bias={bias}"
+    msg = f"seed={seed} dtype={dtype} bias={bias} backend={backend} chunks={chunk_tokens}x{chunk_vocab}"
     # bf16: the logits themselves are rounded to bf16 (as nn.Linear would), hence looser bounds
     a_lp, a_g = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-5), torch.bfloat16: (0.1, 0.05)}[dtype]
     sc = g.abs().max().item()

@@ -16,6 +16,14 @@ Apple's Cut Cross-Entropy):
 Only valid tokens (``mask & targets != ignore_index``) are touched; prompt/padding rows
 get zero gradient.
 
+Two backends share those loops.  ``"torch"`` (CPU, and fp64) does the per-chunk
+elementwise work in PyTorch on an fp32 copy of the block.  ``"triton"`` (the default on
+CUDA) leaves each ``z`` block in the hidden dtype and runs two Triton kernels on it: in
+forward one pass folds the block into the running ``lse`` and picks the target logits; in
+backward one pass turns the recomputed block into ``dz`` in place.  The fp32 gradient
+accumulators are added to by the matmul itself (``addmm(..., out_dtype=float32)``) where
+the installed PyTorch offers it.
+
 :class:`FusedLMHeadLogprobs` wraps an ``nn.Linear`` lm-head.  It owns the linear as a
 submodule and reads ``self.lm_head.weight`` inside its own ``forward``; under DeepSpeed
 ZeRO-3 the weight is registered as an *external parameter* of the wrapper, so ZeRO-3's
@@ -33,17 +41,121 @@ from .chunked import valid_token_mask
 
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_CHUNK_VOCAB = 8192
+# the Triton backend keeps z in the hidden dtype (2 bytes/element in bf16): bigger blocks, bigger matmuls
+TRITON_CHUNK_TOKENS = 16384
+TRITON_CHUNK_VOCAB = 16384
+
+_ADDMM_OUT_DTYPE: dict[str, bool] = {}
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _mm_acc_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and ``a``/``b`` possibly bf16/fp16.
+
+    On CUDA the matmul adds into ``acc`` itself (``addmm(out_dtype=float32)``, fp32
+    accumulation, no half-precision temporary) where this PyTorch has it; else through a
+    temporary.
+    """
+    key = acc.device.type
+    if a.dtype != acc.dtype and acc.is_cuda and _ADDMM_OUT_DTYPE.get(key, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _ADDMM_OUT_DTYPE[key] = True
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE[key] = False
+    acc += (a @ b).to(acc.dtype)
+
+
+def _resolve_backend(backend: str, hidden: Tensor) -> str:
+    from .triton_logprob import interpret_mode, triton_available
+
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        use = hidden.is_cuda and hidden.dtype != torch.float64 and triton_available()
+        return "triton" if use else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("triton is not importable; use backend='torch'")
+        if not hidden.is_cuda and not interpret_mode():
+            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU tensors)")
+        if hidden.dtype == torch.float64:
+            raise TypeError("the triton backend supports fp32/fp16/bf16 hidden states; use backend='torch' for fp64")
+    return backend
+
+
+def _torch_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc):
+    """Forward loops of the torch backend: ``(lse [M], tok [M])`` in ``acc``."""
+    M, V = h_all.shape[0], w.shape[0]
+    lse = torch.empty(M, dtype=acc, device=h_all.device)
+    tok = torch.empty(M, dtype=acc, device=h_all.device)
+    for s in range(0, M, chunk_tokens):
+        e = min(s + chunk_tokens, M)
+        h = h_all[s:e]
+        tg = tgt[s:e]
+        m = torch.full((e - s,), float("-inf"), dtype=acc, device=h_all.device)
+        ssum = torch.zeros(e - s, dtype=acc, device=h_all.device)
+        xt = torch.zeros(e - s, dtype=acc, device=h_all.device)
+        for v0 in range(0, V, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, V)
+            z = (h @ w[v0:v1].T if b is None else torch.addmm(b[v0:v1], h, w[v0:v1].T)).to(acc)
+            m_new = torch.maximum(m, z.amax(dim=1))
+            ssum = ssum * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+            m = m_new
+            inside = (tg >= v0) & (tg < v1)
+            zt = z.gather(1, (tg - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            xt = torch.where(inside, zt, xt)
+            del z
+        lse_c = m + torch.log(ssum)
+        lse[s:e] = lse_c
+        tok[s:e] = xt - lse_c
+    return lse, tok
+
+
+def _triton_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc):
+    """Forward loops of the triton backend: each ``z`` block stays in the hidden dtype."""
+    from .triton_logprob import triton_chunk_fold_
+
+    M, V = h_all.shape[0], w.shape[0]
+    lse = torch.full((M,), float("-inf"), dtype=acc, device=h_all.device)
+    xt = torch.zeros(M, dtype=acc, device=h_all.device)
+    for s in range(0, M, chunk_tokens):
+        e = min(s + chunk_tokens, M)
+        h = h_all[s:e]
+        for v0 in range(0, V, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, V)
+            z = h @ w[v0:v1].T if b is None else torch.addmm(b[v0:v1], h, w[v0:v1].T)
+            triton_chunk_fold_(z, tgt[s:e], lse[s:e], xt[s:e], v0)
+            del z
+    return lse, xt - lse
+
+
+def _dz_block(z, tg, lse, g, v0, acc, backend):
+    """``d loss / d z`` for one block (``g [m, 1]``), in the hidden dtype."""
+    if backend == "triton":
+        from .triton_logprob import triton_chunk_grad_
+
+        triton_chunk_grad_(z, tg, lse, g[:, 0], v0)
+        return z
+    v1 = v0 + z.shape[1]
+    dt = z.dtype
+    z = z.to(acc)
+    # dz = g * (onehot - softmax)
+    z.sub_(lse[:, None]).exp_().mul_(-g)
+    inside = (tg >= v0) & (tg < v1)
+    col = (tg - v0).clamp(0, v1 - v0 - 1)[:, None]
+    z.scatter_add_(1, col, torch.where(inside[:, None], g, torch.zeros_like(g)))
+    return z.to(dt)
+
+
 class _FusedLinearSequenceLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, chunk_tokens, chunk_vocab):
+    def forward(ctx, hidden, weight, bias, targets, valid, chunk_tokens, chunk_vocab, backend):
         N, T, H = hidden.shape
-        V = weight.shape[0]
         if weight.dim() != 2 or weight.shape[1] != H:
             raise RuntimeError(
                 f"lm_head weight has shape {tuple(weight.shape)}, expected [V, {H}] "
@@ -54,38 +166,18 @@ class _FusedLinearSequenceLogprobs(torch.autograd.Function):
         n_idx = torch.div(flat_idx, T, rounding_mode="floor")
         t_idx = flat_idx - n_idx * T
         tgt = targets[n_idx, t_idx].long()
-        M = flat_idx.numel()
         h_all = hidden[n_idx, t_idx]  # [M, H] in hidden dtype
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
-        lse = torch.empty(M, dtype=acc, device=hidden.device)
-        tok = torch.empty(M, dtype=acc, device=hidden.device)
-        for s in range(0, M, chunk_tokens):
-            e = min(s + chunk_tokens, M)
-            h = h_all[s:e]
-            tg = tgt[s:e]
-            m = torch.full((e - s,), float("-inf"), dtype=acc, device=hidden.device)
-            ssum = torch.zeros(e - s, dtype=acc, device=hidden.device)
-            xt = torch.zeros(e - s, dtype=acc, device=hidden.device)
-            for v0 in range(0, V, chunk_vocab):
-                v1 = min(v0 + chunk_vocab, V)
-                z = (h @ w[v0:v1].T if b is None else torch.addmm(b[v0:v1], h, w[v0:v1].T)).to(acc)
-                m_new = torch.maximum(m, z.amax(dim=1))
-                ssum = ssum * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
-                m = m_new
-                inside = (tg >= v0) & (tg < v1)
-                zt = z.gather(1, (tg - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-                xt = torch.where(inside, zt, xt)
-                del z
-            lse_c = m + torch.log(ssum)
-            lse[s:e] = lse_c
-            tok[s:e] = xt - lse_c
+        loops = _triton_forward if backend == "triton" else _torch_forward
+        lse, tok = loops(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc)
         logps = torch.zeros(N, dtype=acc, device=hidden.device)
         logps.index_add_(0, n_idx, tok)
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), n_idx, t_idx, tgt, lse)
         ctx.has_bias = bias is not None
         ctx.chunk_tokens = chunk_tokens
         ctx.chunk_vocab = chunk_vocab
+        ctx.backend = backend
         return logps
 
     @staticmethod
@@ -105,31 +197,28 @@ class _FusedLinearSequenceLogprobs(torch.autograd.Function):
         gw = torch.empty_like(weight) if need_w else None
         gb = torch.empty_like(bias) if (need_b and ctx.has_bias) else None
         ct, cv = ctx.chunk_tokens, ctx.chunk_vocab
+        one_token_chunk = M <= ct
         for v0 in range(0, V, cv):
             v1 = min(v0 + cv, V)
             wv = w[v0:v1]
-            gw_acc = torch.zeros(v1 - v0, H, dtype=acc, device=hidden.device) if need_w else None
+            direct_w = need_w and one_token_chunk and gw.dtype == dt
+            gw_acc = torch.zeros(v1 - v0, H, dtype=acc, device=hidden.device) if need_w and not direct_w else None
             gb_acc = torch.zeros(v1 - v0, dtype=acc, device=hidden.device) if gb is not None else None
             for s in range(0, M, ct):
                 e = min(s + ct, M)
                 h = h_all[s:e]
-                z = (h @ wv.T if b is None else torch.addmm(b[v0:v1], h, wv.T)).to(acc)
-                g = g_tok[s:e, None]
-                # dz = g * (onehot - softmax)
-                z.sub_(lse[s:e, None]).exp_().mul_(-g)
-                tg = tgt[s:e]
-                inside = (tg >= v0) & (tg < v1)
-                col = (tg - v0).clamp(0, v1 - v0 - 1)[:, None]
-                z.scatter_add_(1, col, torch.where(inside[:, None], g, torch.zeros_like(g)))
-                dz = z.to(dt)
+                z = h @ wv.T if b is None else torch.addmm(b[v0:v1], h, wv.T)
+                dz = _dz_block(z, tgt[s:e], lse[s:e], g_tok[s:e, None], v0, acc, ctx.backend)
                 if need_h:
-                    gh[s:e] += (dz @ wv).to(acc)
-                if need_w:
-                    gw_acc += (dz.T @ h).to(acc)
+                    _mm_acc_(gh[s:e], dz, wv)
+                if direct_w:
+                    torch.mm(dz.T, h, out=gw[v0:v1])
+                elif need_w:
+                    _mm_acc_(gw_acc, dz.T, h)
                 if gb_acc is not None:
-                    gb_acc += z.sum(0)
+                    gb_acc += dz.sum(0, dtype=acc)
                 del z, dz
-            if need_w:
+            if gw_acc is not None:
                 gw[v0:v1] = gw_acc.to(gw.dtype)
             if gb is not None:
                 gb[v0:v1] = gb_acc.to(gb.dtype)
@@ -137,7 +226,7 @@ class _FusedLinearSequenceLogprobs(torch.autograd.Function):
         if need_h:
             grad_hidden = torch.zeros_like(hidden)
             grad_hidden[n_idx, t_idx] = gh.to(dt)
-        return grad_hidden, gw, gb, None, None, None, None
+        return grad_hidden, gw, gb, None, None, None, None, None
 
 
 def fused_linear_sequence_logprobs(
@@ -148,8 +237,9 @@ def fused_linear_sequence_logprobs(
     *,
     bias: Tensor | None = None,
     ignore_index: int = -100,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``sequence_logprobs(hidden @ weight.T + bias, targets, mask)`` without the logits.
 
@@ -158,6 +248,9 @@ def fused_linear_sequence_logprobs(
         weight: [V, H] lm-head weight; ``bias`` optional [V].
         targets: [N, T] token ids; ``ignore_index`` entries are masked.
         mask: [N, T] response-token mask.
+        chunk_tokens, chunk_vocab: block of logits held at once (default: 1024 x 8192 for
+            ``"torch"``, 16384 x 16384 for ``"triton"``).
+        backend: ``"auto"`` (Triton on CUDA, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``(logps [N], n_tokens [N])`` fp32 (fp64 for fp64 hidden); differentiable wrt
@@ -165,10 +258,15 @@ def fused_linear_sequence_logprobs(
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, T, H], got {tuple(hidden.shape)}")
+    backend = _resolve_backend(backend, hidden)
+    if chunk_tokens is None:
+        chunk_tokens = TRITON_CHUNK_TOKENS if backend == "triton" else DEFAULT_CHUNK_TOKENS
+    if chunk_vocab is None:
+        chunk_vocab = TRITON_CHUNK_VOCAB if backend == "triton" else DEFAULT_CHUNK_VOCAB
     valid = valid_token_mask(targets, mask, ignore_index)
     n_tokens = valid.sum(1).to(_acc(hidden.dtype))
     logps = _FusedLinearSequenceLogprobs.apply(
-        hidden, weight, bias, targets, valid, max(1, int(chunk_tokens)), max(1, int(chunk_vocab))
+        hidden, weight, bias, targets, valid, max(1, int(chunk_tokens)), max(1, int(chunk_vocab)), backend
     )
     return logps, n_tokens
 
@@ -192,14 +290,16 @@ class FusedLMHeadLogprobs(nn.Module):
         lm_head: nn.Linear,
         *,
         ignore_index: int = -100,
-        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-        chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
+        chunk_tokens: int | None = None,
+        chunk_vocab: int | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.lm_head = lm_head
         self.ignore_index = ignore_index
         self.chunk_tokens = chunk_tokens
         self.chunk_vocab = chunk_vocab
+        self.backend = backend
         self.register_zero3_external()
 
     def register_zero3_external(self) -> None:
@@ -225,4 +325,5 @@ class FusedLMHeadLogprobs(nn.Module):
             ignore_index=self.ignore_index,
             chunk_tokens=self.chunk_tokens,
             chunk_vocab=self.chunk_vocab,
+            backend=self.backend,
         )

@@ -138,7 +138,68 @@ def _build_kernels():
             d = tl.where(valid, d, 0.0)
             tl.store(dst + offs, d.to(grad_ptr.dtype.element_ty), mask=inb)
 
-    return triton.jit(_fwd_kernel), triton.jit(_bwd_kernel)
+    def _chunk_fold_kernel(
+        z_ptr,
+        tgt_ptr,
+        lse_ptr,
+        xt_ptr,
+        Vc,
+        v0,
+        stride_z,
+        BLOCK_V: tl.constexpr,
+    ):
+        # fold one vocabulary chunk z[row, :Vc] (= logits[:, v0:v0+Vc]) into the running
+        # lse[row] (logaddexp, in place) and pick the target logit if it lies in the chunk
+        row = tl.program_id(0).to(tl.int64)
+        base = z_ptr + row * stride_z
+        cols = tl.arange(0, BLOCK_V)
+        m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
+        s = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
+        for start in range(0, Vc, BLOCK_V):
+            offs = start + cols
+            x = tl.load(base + offs, mask=offs < Vc, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse_c = m + tl.log(s)
+        prev = tl.load(lse_ptr + row)
+        top = tl.maximum(prev, lse_c)
+        tl.store(lse_ptr + row, top + tl.log(tl.exp(prev - top) + tl.exp(lse_c - top)))
+        rel = tl.load(tgt_ptr + row).to(tl.int64) - v0
+        inside = (rel >= 0) & (rel < Vc)
+        x_t = tl.load(base + tl.where(inside, rel, 0)).to(tl.float32)
+        tl.store(xt_ptr + row, x_t, mask=inside)
+
+    def _chunk_grad_kernel(
+        z_ptr,
+        tgt_ptr,
+        lse_ptr,
+        g_ptr,
+        Vc,
+        v0,
+        stride_z,
+        BLOCK_V: tl.constexpr,
+    ):
+        # in place: z[row, :] <- g[row] * (onehot(tgt[row] - v0) - exp(z[row, :] - lse[row]))
+        row = tl.program_id(0).to(tl.int64)
+        base = z_ptr + row * stride_z
+        cols = tl.arange(0, BLOCK_V)
+        lse = tl.load(lse_ptr + row)
+        g = tl.load(g_ptr + row).to(tl.float32)
+        rel = tl.load(tgt_ptr + row).to(tl.int64) - v0
+        for start in range(0, Vc, BLOCK_V):
+            offs = start + cols
+            inb = offs < Vc
+            x = tl.load(base + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            d = tl.where(offs == rel, g, 0.0) - g * tl.exp(x - lse)
+            tl.store(base + offs, d.to(z_ptr.dtype.element_ty), mask=inb)
+
+    return (
+        triton.jit(_fwd_kernel),
+        triton.jit(_bwd_kernel),
+        triton.jit(_chunk_fold_kernel),
+        triton.jit(_chunk_grad_kernel),
+    )
 
 
 def _kernels():
@@ -182,7 +243,7 @@ class _TritonSequenceLogprobs(torch.autograd.Function):
         N, T, V = logits.shape
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
-        fwd, _ = _kernels()
+        fwd = _kernels()[0]
         BLOCK_V, num_warps = _launch_cfg(V, block_v)
         lse = torch.empty(N, T, dtype=torch.float32, device=logits.device)
         tok = torch.empty(N, T, dtype=torch.float32, device=logits.device)
@@ -219,7 +280,7 @@ class _TritonSequenceLogprobs(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         N, T, V = logits.shape
-        _, bwd = _kernels()
+        bwd = _kernels()[1]
         BLOCK_V, num_warps = _launch_cfg(V, ctx.block_v)
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         g_seq = g_seq.float().contiguous()
@@ -278,12 +339,36 @@ def triton_sequence_logprobs(
     return logps, n_tokens
 
 
+def triton_chunk_fold_(z: Tensor, tgt: Tensor, lse: Tensor, xt: Tensor, v0: int, block_v: int | None = None) -> None:
+    """Fold the logit chunk ``z [M, Vc]`` (vocabulary columns ``v0 .. v0+Vc``) into ``lse [M]``.
+
+    In place: ``lse <- logaddexp(lse, logsumexp(z, 1))`` (start from ``-inf``) and
+    ``xt[i] <- z[i, tgt[i] - v0]`` where the target lies in the chunk. fp32 ``lse`` / ``xt``,
+    ``tgt [M]`` int64; ``z`` any float dtype with a contiguous last dim. Used by the fused-linear path.
+    """
+    M, Vc = z.shape
+    if M == 0:
+        return
+    BLOCK_V, num_warps = _launch_cfg(Vc, block_v)
+    _kernels()[2][(M,)](z, tgt, lse, xt, Vc, int(v0), z.stride(0), BLOCK_V=BLOCK_V, num_warps=num_warps)
+
+
+def triton_chunk_grad_(z: Tensor, tgt: Tensor, lse: Tensor, g: Tensor, v0: int, block_v: int | None = None) -> None:
+    """In place: ``z <- g[:, None] * (onehot(tgt - v0) - exp(z - lse[:, None]))`` (d loss / d logit chunk)."""
+    M, Vc = z.shape
+    if M == 0:
+        return
+    BLOCK_V, num_warps = _launch_cfg(Vc, block_v)
+    _kernels()[3][(M,)](z, tgt, lse, g, Vc, int(v0), z.stride(0), BLOCK_V=BLOCK_V, num_warps=num_warps)
+
+
 def compile_for_target(arch: int, *, dtype: torch.dtype = torch.bfloat16, V: int = 128256, block_v: int | None = None):
     """Compile (without launching) both kernels for ``sm_<arch>``; works without a GPU.
 
     Used by the test-suite to check that the kernels get through the full Triton
     pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) on a machine without CUDA.
-    Returns ``{"fwd": CompiledKernel, "bwd": CompiledKernel}``.
+    Returns ``{"fwd", "bwd", "fold", "grad": CompiledKernel}`` (the last two are the
+    fused-linear chunk kernels).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -292,7 +377,7 @@ def compile_for_target(arch: int, *, dtype: torch.dtype = torch.bfloat16, V: int
         raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset")
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     BLOCK_V, num_warps = _launch_cfg(V, block_v)
-    fwd, bwd = _kernels()
+    fwd, bwd, fold, grad = _kernels()
     common = {"T": "i32", "V": "i32"}
     fwd_sig = {
         "logits_ptr": ptr,
@@ -329,9 +414,20 @@ def compile_for_target(arch: int, *, dtype: torch.dtype = torch.bfloat16, V: int
         "ignore_index": "i32",
         "BLOCK_V": "constexpr",
     }
+    chunk = {"z_ptr": ptr, "tgt_ptr": "*i64", "lse_ptr": "*fp32", "Vc": "i32", "v0": "i64", "stride_z": "i64"}
+    fold_sig = {**chunk, "xt_ptr": "*fp32", "BLOCK_V": "constexpr"}
+    grad_sig = {**chunk, "g_ptr": "*fp32", "BLOCK_V": "constexpr"}
+    # keep the kernels' argument order
+    fold_sig = {k: fold_sig[k] for k in ("z_ptr", "tgt_ptr", "lse_ptr", "xt_ptr", "Vc", "v0", "stride_z", "BLOCK_V")}
+    grad_sig = {k: grad_sig[k] for k in ("z_ptr", "tgt_ptr", "lse_ptr", "g_ptr", "Vc", "v0", "stride_z", "BLOCK_V")}
     target = GPUTarget("cuda", int(arch), 32)
     out = {}
-    for name, kern, sig in (("fwd", fwd, fwd_sig), ("bwd", bwd, bwd_sig)):
+    for name, kern, sig in (
+        ("fwd", fwd, fwd_sig),
+        ("bwd", bwd, bwd_sig),
+        ("fold", fold, fold_sig),
+        ("grad", grad, grad_sig),
+    ):
         src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs={"BLOCK_V": BLOCK_V})
         out[name] = triton.compile(src, target=target, options={"num_warps": num_warps})
     return out

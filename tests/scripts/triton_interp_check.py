@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # repo root
 
 import torch  # noqa: E402
 import triton.language  # noqa: E402,F401  (imported *after* TRITON_INTERPRET=1)
-from test_kernels import check_logprob_fn  # noqa: E402
+from test_kernels import check_fused_linear, check_logprob_fn  # noqa: E402
 
 from msl_ds.kernels import sequence_logprobs  # noqa: E402
 from msl_ds.kernels import triton_logprob as tlp  # noqa: E402
@@ -53,11 +53,26 @@ def main() -> int:
             dict(N=2, T=9, V=70, dtype=torch.bfloat16, noncontig=True),
         ),
     ]
+
+    def fused_linear(dtype, bias, chunk_tokens):
+        def run(*_args, **_kw):
+            check_fused_linear(seed, dtype, bias, backend="triton", chunk_tokens=chunk_tokens, chunk_vocab=50)
+
+        return run
+
+    cases += [
+        ("fused-linear fp32 bias, 7x50 blocks", fused_linear(torch.float32, True, 7), {}),
+        ("fused-linear bf16, one token chunk", fused_linear(torch.bfloat16, False, 10**6), {}),
+        ("fused-linear bf16 bias, 7x50 blocks", fused_linear(torch.bfloat16, True, 7), {}),
+    ]
     failed = 0
     for name, fn, kw in cases:
         try:
-            N, T, V, dtype = kw.pop("N"), kw.pop("T"), kw.pop("V"), kw.pop("dtype")
-            check_logprob_fn(fn, N, T, V, dtype, seed, **kw)
+            if kw:
+                N, T, V, dtype = kw.pop("N"), kw.pop("T"), kw.pop("V"), kw.pop("dtype")
+                check_logprob_fn(fn, N, T, V, dtype, seed, **kw)
+            else:
+                fn()
             print(f"PASS {name}")
         except Exception:
             failed += 1

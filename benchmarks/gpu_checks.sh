@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every GPU check of msl_ds.kernels in one call on a lent CUDA machine (see docs/PERF.md):
+# the gpu-marked tests, the issue-4 benchmark, the launch/chunk sweep, and Liger-Kernel's
+# fused-linear DPO when its wheel was carried in .whl/. Each step is time-boxed; logs go to $OUT.
+#   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh
+set -u
+OUT=${OUT:-/tmp/msl_gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONDONTWRITEBYTECODE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site
+fi
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv;
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
+step() {  # step NAME SECONDS CMD...: run CMD with a time box, log to $OUT/NAME.log
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - t0)) s"
+}
+step pytest_gpu 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
+tail -4 "$OUT/pytest_gpu.log"
+step bench 240 python3 benchmarks/bench_preference_loss.py --json "$OUT/bench.json" \
+  --contenders naive chunked chunked-inplace triton triton-inplace naive-linear matmul+kernel fused-linear fused-linear-torch
+grep -v '^{' "$OUT/bench.log" | tail -25
+step sweep 150 python3 benchmarks/sweep_kernel_blocks.py --reps 5
+cat "$OUT/sweep.log"
+if python3 -c "import liger_kernel" 2>/dev/null; then
+  step liger 120 python3 benchmarks/bench_preference_loss.py --contenders naive-linear fused-linear liger-dpo
+  grep -v '^{' "$OUT/liger.log" | tail -8
+fi
