@@ -236,7 +236,31 @@ def measure(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times) if times else None, "extra_bytes": extra}
+    out = {"time_s": statistics.median(times) if times else None, "extra_bytes": extra}
+    if cuda and spec.get("profile"):
+        try:
+            out.update(gpu_busy(spec, inp))
+        except Exception as e:  # noqa: BLE001 - the profiler is optional; keep the timing
+            print(f"profiler failed: {e}", file=sys.stderr)
+    return out
+
+
+def gpu_busy(spec: dict, inp: dict) -> dict:
+    """One more step under torch.profiler: summed kernel time and number of kernels.
+
+    A step whose fwd+bwd time is far above its busy time is bound by host-side launches
+    (Python, dispatcher), not by the GPU.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    _clear_grads(inp)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _step(spec, inp)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    return {"busy_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6, "kernels": len(kernels)}
 
 
 def measure_cuda(spec: dict) -> dict:
@@ -329,6 +353,11 @@ def main() -> int:
         help="torch threads (default: 1 with --cpu, robust on a shared 2-core box; else torch default)",
     )
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: add 'busy ms' (summed kernel time of one step, torch.profiler) and the kernel count",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -390,6 +419,7 @@ def main() -> int:
                     reps=reps,
                     prompt_frac=a.prompt_frac,
                     threads=a.threads,
+                    profile=a.profile,
                 )
                 r = run_isolated(spec) if not cuda else measure_cuda(spec)
                 res[c] = r
@@ -413,8 +443,10 @@ def main() -> int:
         "| V | dtype | contender | fwd+bwd ms | x naive | floor ms | x floor | x mm+k "
         "| peak extra MiB | x naive | work MiB |"
     )
+    if a.profile:
+        hdr += " busy ms | kernels |"
     print(hdr)
-    print("|" + "---|" * 11)
+    print("|" + "---|" * (13 if a.profile else 11))
     for r in rows:
         if "error" in r:
             print(f"| {r['V']} | {r['dtype']} | {r['contender']} | error: {r['error'][:60]} |" + " |" * 7)
@@ -424,6 +456,7 @@ def main() -> int:
             f"| {r['V']} | {r['dtype']} | {r['contender']} | {r['time_s'] * 1e3:.1f} | {_fmt(r, 'time_ratio', '.2f')} "
             f"| {_fmt(r, 'floor_s', '.2f', 1e3)} | {_fmt(r, 'floor_ratio', '.2f')} | {_fmt(r, 'mmk_ratio', '.2f')} "
             f"| {r['extra_bytes'] / 2**20:.1f} | {_fmt(r, 'mem_ratio', '.3f')} | {_fmt(r, 'work_bytes', '.1f', 2**-20)} |"
+            + (f" {_fmt(r, 'busy_s', '.2f', 1e3)} | {r.get('kernels', '-')} |" if a.profile else "")
         )
     if a.json:
         with open(a.json, "w") as f:

@@ -21,7 +21,17 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time box, log to $OUT/NAME.
 }
 step pytest_gpu 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
 tail -4 "$OUT/pytest_gpu.log"
-step bench 240 python3 benchmarks/bench_preference_loss.py --json "$OUT/bench.json" \
+python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu.txt"
+import torch
+from msl_ds.kernels import fused_linear as fl
+h = torch.randn(1, 64, 32, device="cuda").bfloat16().requires_grad_()
+w = torch.randn(300, 32, device="cuda").bfloat16().requires_grad_()
+lp, _ = fl.fused_linear_sequence_logprobs(h, w, torch.randint(0, 300, (1, 64), device="cuda"),
+                                          torch.ones(1, 64, dtype=torch.bool, device="cuda"), chunk_tokens=16)
+lp.sum().backward()
+print("addmm(out_dtype=float32) accumulation used:", fl._ADDMM_OUT_DTYPE)
+PY
+step bench 240 python3 benchmarks/bench_preference_loss.py --profile --json "$OUT/bench.json" \
   --contenders naive chunked chunked-inplace triton triton-inplace naive-linear matmul+kernel fused-linear fused-linear-torch
 grep -v '^{' "$OUT/bench.log" | tail -25
 step sweep 150 python3 benchmarks/sweep_kernel_blocks.py --reps 5

@@ -120,8 +120,8 @@ def preference_loss(
     Returns the scalar loss (differentiable) and a metrics dict of detached tensors:
     ``logps`` [N], ``n_tokens`` [N], ``loss``, ``loss/<term>`` for each active term
     (``sft``, ``pp``, ``np``, ``dpo``, ``ipo``, ``hinge``, ``orpo``, ``simpo``),
-    ``margin/aligned`` / ``margin/conflict`` (mean ``logp - ref`` over those rows, when
-    present), ``n/gold``, ``n/aligned``, ``n/conflict`` and pair statistics.  See
+    ``margin/aligned`` / ``margin/conflict`` (mean ``logp - ref`` over those rows, 0
+    without such rows), ``n/gold``, ``n/aligned``, ``n/conflict`` and pair statistics.  See
     :mod:`msl_ds.kernels.losses` for the exact formulas.
     """
     logps, n_tokens = sequence_logprobs(

@@ -148,8 +148,8 @@ def preference_loss_from_logps(
         ``(loss, metrics)``; ``loss`` is a 0-dim fp32 tensor, metrics hold detached
         tensors: ``logps``, ``n_tokens``, ``loss``, ``loss/<term>`` for active terms,
         ``n/gold``, ``n/aligned``, ``n/conflict``, ``margin/aligned`` /
-        ``margin/conflict`` (mean log-ratio of those rows, when present and a reference
-        is given), and for pair losses ``n/pairs``, ``margin/pair`` (mean h) and
+        ``margin/conflict`` (mean log-ratio of those rows when a reference is given;
+        0 where there are no such rows), and for pair losses ``n/pairs``, ``margin/pair`` (mean h) and
         ``reward/accuracy`` (fraction of pairs with h > 0).
     """
     if logps.dim() != 1:
@@ -176,7 +176,11 @@ def preference_loss_from_logps(
         if token_normalizer is None:
             den = (gold * n_tokens).sum()
         else:
-            den = torch.as_tensor(token_normalizer, dtype=fdt, device=dev)
+            den = (
+                token_normalizer.to(device=dev, dtype=fdt)
+                if isinstance(token_normalizer, Tensor)
+                else torch.full((), float(token_normalizer), dtype=fdt, device=dev)
+            )
         terms["sft"] = -(gold * w * logps).sum() / den.clamp(min=1.0)
 
     if cfg.pp != 0:
@@ -224,7 +228,7 @@ def preference_loss_from_logps(
         if cfg.simpo != 0:
             z = beta * ((a_c - a_r) - cfg.simpo_gamma / beta)
             terms["simpo"] = _wmean(-F.logsigmoid(z) * (1 - ls) - F.logsigmoid(-z) * ls, pw)
-        pair_metrics["n/pairs"] = torch.tensor(float(ci.numel()), device=dev)
+        pair_metrics["n/pairs"] = torch.full((), float(ci.numel()), dtype=fdt, device=dev)  # no host copy
 
     for name, val in terms.items():
         total = total + getattr(cfg, name) * val
@@ -241,11 +245,10 @@ def preference_loss_from_logps(
     metrics["n/aligned"] = n_al
     metrics["n/conflict"] = n_cf
     if r is not None:
+        # no `if n > 0` here: reading a device value would stall the host every step; 0 without such rows
         rd = r.detach()
-        if bool(n_al > 0):
-            metrics["margin/aligned"] = (rd * aligned).sum() / n_al
-        if bool(n_cf > 0):
-            metrics["margin/conflict"] = (rd * conflict).sum() / n_cf
+        metrics["margin/aligned"] = (rd * aligned).sum() / n_al.clamp(min=1.0)
+        metrics["margin/conflict"] = (rd * conflict).sum() / n_cf.clamp(min=1.0)
     metrics.update(pair_metrics)
     return total, metrics
 
