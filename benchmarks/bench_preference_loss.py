@@ -12,6 +12,7 @@ Contenders (all followed by the same cheap loss head: SFT on chosen rows + DPO o
 * ``fused-linear``     msl_ds.kernels.fused_linear_sequence_logprobs (never builds logits; Triton
                        block kernels on CUDA);
 * ``fused-linear-torch``  the same with ``backend="torch"`` (CUDA only; on CPU it is ``fused-linear``);
+* ``fused-linear-keep<K>``  ``fused-linear`` with ``keep_blocks=K`` (asked for by name only);
 * ``liger-dpo``        Liger-Kernel ``LigerFusedLinearDPOLoss`` (reference-free, when installed).
 
 Ratios: logit-based rows are relative to ``naive``; linear rows to ``naive-linear``; the
@@ -179,11 +180,10 @@ def _step(spec: dict, inp: dict) -> None:
         logps, n = sequence_logprobs(
             x, t, m, backend="torch" if c.startswith("chunked") else "triton", inplace_backward=inplace
         )
-    elif c in ("fused-linear", "fused-linear-torch"):
+    elif c.startswith("fused-linear"):
         backend = "torch" if c.endswith("torch") else "auto"
-        logps, n = fused_linear_sequence_logprobs(
-            inp["hidden"], inp["weight"], t, m, backend=backend, **spec.get("fused_kw", {})
-        )
+        keep = int(c.split("-keep")[1]) if "-keep" in c else 0
+        logps, n = fused_linear_sequence_logprobs(inp["hidden"], inp["weight"], t, m, backend=backend, keep_blocks=keep)
     else:
         raise ValueError(c)
     loss, _ = preference_loss_from_logps(
@@ -406,7 +406,8 @@ def main() -> int:
         for dt in dtypes:
             res = {}
             for c in contenders:
-                if c in LINEAR_ROWS and dt not in linear_dtypes:
+                linear = c in LINEAR_ROWS or c.startswith("fused-linear")
+                if linear and dt not in linear_dtypes:
                     continue
                 spec = dict(
                     contender=c,
@@ -432,7 +433,7 @@ def main() -> int:
                 if "error" not in r and c in LOGIT_ROWS:
                     row["floor_s"] = 3 * N * T * V * elem / bw
                     row["floor_ratio"] = r["time_s"] / row["floor_s"]
-                if "error" not in r and c in LINEAR_ROWS:
+                if "error" not in r and linear:
                     row["work_bytes"] = r["extra_bytes"] - (N * T * H + V * H) * elem
                 mk = res.get("matmul+kernel", {})
                 if c.startswith("fused-linear") and "error" not in r and mk and "error" not in mk:

@@ -32,7 +32,8 @@ lp.sum().backward()
 print("addmm(out_dtype=float32) accumulation used:", fl._ADDMM_OUT_DTYPE)
 PY
 step bench 240 python3 benchmarks/bench_preference_loss.py --profile --json "$OUT/bench.json" \
-  --contenders naive chunked chunked-inplace triton triton-inplace naive-linear matmul+kernel fused-linear fused-linear-torch
+  --contenders naive chunked chunked-inplace triton triton-inplace naive-linear matmul+kernel fused-linear \
+  fused-linear-keep1 fused-linear-keep2 fused-linear-torch
 grep -v '^{' "$OUT/bench.log" | tail -25
 step sweep 150 python3 benchmarks/sweep_kernel_blocks.py --reps 5
 cat "$OUT/sweep.log"

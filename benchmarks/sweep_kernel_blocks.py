@@ -8,7 +8,7 @@ backward kernel alone on bf16 logits [N, T, V], median of CUDA-event timings, as
 (forward reads N·T·V·2 bytes, backward reads and writes them) and as a multiple of the
 copy-bandwidth floor measured in the same run.
 
-Table 2, one row per (chunk_tokens, chunk_vocab): one forward+backward of
+Table 2, one row per (chunk_tokens, chunk_vocab, keep_blocks): one forward+backward of
 ``fused_linear_sequence_logprobs`` (bf16 hidden [N·T, H], weight [V, H]) with its peak
 extra memory, against ``matmul`` (``hidden @ W.T``, forward and both backward matmuls)
 and ``matmul+kernel`` (the same plus the in-place logits kernel) timed in the same run.
@@ -28,7 +28,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 LAUNCH = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16), (16384, 16)]
-CHUNKS = [(1024, 8192), (4096, 8192), (16384, 8192), (8192, 16384), (16384, 16384), (16384, 32768)]
+# (chunk_tokens, chunk_vocab, keep_blocks)
+CHUNKS = [
+    (1024, 8192, 0),
+    (4096, 8192, 0),
+    (16384, 8192, 0),
+    (8192, 16384, 0),
+    (16384, 16384, 0),
+    (16384, 32768, 0),
+    (16384, 16384, 1),
+    (16384, 16384, 2),
+    (16384, 16384, 3),
+    (16384, 8192, 4),
+]
 
 
 def cuda_time(fn, reps: int) -> float:
@@ -108,7 +120,7 @@ def _linear_step(h, w, tg, mk):
 
     from msl_ds.kernels import fused_linear_sequence_logprobs, sequence_logprobs
 
-    def step(kind, ct=None, cv=None):
+    def step(kind, ct=None, cv=None, keep=0):
         h.grad = w.grad = None
         if kind == "matmul":
             z = h @ w.T
@@ -117,16 +129,16 @@ def _linear_step(h, w, tg, mk):
             lp, _ = sequence_logprobs(h @ w.T, tg, mk, backend="triton", inplace_backward=True)
             lp.sum().backward()
         else:
-            lp, _ = fused_linear_sequence_logprobs(h, w, tg, mk, chunk_tokens=ct, chunk_vocab=cv)
+            lp, _ = fused_linear_sequence_logprobs(h, w, tg, mk, chunk_tokens=ct, chunk_vocab=cv, keep_blocks=keep)
             lp.sum().backward()
 
-    def peak(kind, ct=None, cv=None):
+    def peak(kind, ct=None, cv=None, keep=0):
         torch.cuda.synchronize()
         h.grad = w.grad = None
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step(kind, ct, cv)
+        step(kind, ct, cv, keep)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -136,8 +148,8 @@ def _linear_step(h, w, tg, mk):
 def sweep_chunks(M: int, H: int, vocab: list[int], reps: int) -> None:
     import torch
 
-    print("| V | contender | chunk_tokens | chunk_vocab | fwd+bwd ms | x matmul | x mm+k | peak extra MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| V | contender | chunk_tokens | chunk_vocab | keep | fwd+bwd ms | x matmul | x mm+k | peak extra MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for V in vocab:
         h = torch.randn(1, M, H, device="cuda").bfloat16().requires_grad_()
         w = (torch.randn(V, H, device="cuda") / H**0.5).bfloat16().requires_grad_()
@@ -151,12 +163,15 @@ def sweep_chunks(M: int, H: int, vocab: list[int], reps: int) -> None:
             ("matmul", t_mm, peak("matmul")),
             ("matmul+kernel", t_mk, peak("matmul+kernel")),
         ):
-            print(f"| {V} | {name} | - | - | {t * 1e3:.1f} | {t / t_mm:.2f} | {t / t_mk:.2f} | {mem:.0f} |", flush=True)
-        for ct, cv in CHUNKS:
-            t = cuda_time(functools.partial(step, "fused", ct, cv), reps)
-            mem = peak("fused", ct, cv)
             print(
-                f"| {V} | fused-linear | {ct} | {cv} | {t * 1e3:.1f} | {t / t_mm:.2f} | {t / t_mk:.2f} | {mem:.0f} |",
+                f"| {V} | {name} | - | - | - | {t * 1e3:.1f} | {t / t_mm:.2f} | {t / t_mk:.2f} | {mem:.0f} |",
+                flush=True,
+            )
+        for ct, cv, keep in CHUNKS:
+            t = cuda_time(functools.partial(step, "fused", ct, cv, keep), reps)
+            mem = peak("fused", ct, cv, keep)
+            print(
+                f"| {V} | fused-linear | {ct} | {cv} | {keep} | {t * 1e3:.1f} | {t / t_mm:.2f} | {t / t_mk:.2f} | {mem:.0f} |",
                 flush=True,
             )
 

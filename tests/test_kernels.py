@@ -194,7 +194,7 @@ def test_triton_interpreter_matches_fp64_reference(seed):
     print(proc.stdout)
     print(proc.stderr[-5000:])
     assert proc.returncode == 0, f"seed={seed}: triton interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    assert proc.stdout.count("PASS") == 8
+    assert proc.stdout.count("PASS") == 9
 
 
 def test_triton_requires_cuda_or_interpreter(monkeypatch):
@@ -263,14 +263,22 @@ def test_triton_cuda_matches_chunked_large_vocab_bf16(seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("chunk_tokens", [16, 4096])  # several token chunks (fp32 d W accumulator) / one
-def test_fused_linear_cuda_bf16(seed, backend, chunk_tokens):
+@pytest.mark.parametrize("keep_blocks", [0, 2])
+def test_fused_linear_cuda_bf16(seed, backend, chunk_tokens, keep_blocks):
     N, T, H, V = 2, 33, 64, 1000
     hidden = torch.randn(N, T, H, device="cuda").bfloat16().requires_grad_()
     weight = (torch.randn(V, H, device="cuda") / 8).bfloat16().requires_grad_()
     targets = torch.randint(0, V, (N, T), device="cuda")
     mask = torch.rand(N, T, device="cuda") > 0.3
     lp, _ = fused_linear_sequence_logprobs(
-        hidden, weight, targets, mask, chunk_tokens=chunk_tokens, chunk_vocab=256, backend=backend
+        hidden,
+        weight,
+        targets,
+        mask,
+        chunk_tokens=chunk_tokens,
+        chunk_vocab=256,
+        backend=backend,
+        keep_blocks=keep_blocks,
     )
     lp.sum().backward()
     h2 = hidden.detach().double().requires_grad_()
@@ -297,7 +305,24 @@ def test_fused_linear_one_token_chunk_writes_dw_directly(seed, dtype):
     check_fused_linear(seed, dtype, False, chunk_tokens=10**6, chunk_vocab=50)
 
 
-def check_fused_linear(seed, dtype, bias, *, backend="torch", chunk_tokens=7, chunk_vocab=50):
+@pytest.mark.parametrize("keep_blocks", [1, 3, 100])
+def test_fused_linear_kept_blocks_match_recompute(seed, keep_blocks):
+    """Blocks kept from forward (not recomputed in backward) give the same values and gradients."""
+    check_fused_linear(seed, torch.float32, True, keep_blocks=keep_blocks)
+    # the forward holds exactly min(keep, #blocks) blocks, and backward uses them all up
+    h = torch.randn(2, 11, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    lp, _ = fused_linear_sequence_logprobs(
+        h, w, torch.randint(0, 40, (2, 11)), torch.ones(2, 11, dtype=torch.bool), chunk_tokens=7, chunk_vocab=16,
+        keep_blocks=keep_blocks,
+    )  # fmt: skip
+    n_blocks = math.ceil(22 / 7) * math.ceil(40 / 16)
+    assert len(lp.grad_fn.kept) == min(keep_blocks, n_blocks)
+    lp.sum().backward()
+    assert len(lp.grad_fn.kept) == 0
+
+
+def check_fused_linear(seed, dtype, bias, *, backend="torch", chunk_tokens=7, chunk_vocab=50, keep_blocks=0):
     """fused_linear_sequence_logprobs (value and every gradient) against an fp64 reference."""
     N, T, H, V = 3, 23, 16, 123
     hidden = torch.randn(N, T, H).to(dtype).requires_grad_()
@@ -307,7 +332,15 @@ def check_fused_linear(seed, dtype, bias, *, backend="torch", chunk_tokens=7, ch
     targets = torch.randint(0, V, (N, T)).masked_fill(targets == -100, -100)
     g = torch.randn(N, dtype=torch.float64)
     lp, n = fused_linear_sequence_logprobs(
-        hidden, weight, targets, mask, bias=b, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, backend=backend
+        hidden,
+        weight,
+        targets,
+        mask,
+        bias=b,
+        chunk_tokens=chunk_tokens,
+        chunk_vocab=chunk_vocab,
+        backend=backend,
+        keep_blocks=keep_blocks,
     )
     (lp * g.to(lp.dtype)).sum().backward()
     h2 = hidden.detach().double().requires_grad_()
@@ -317,7 +350,7 @@ def check_fused_linear(seed, dtype, bias, *, backend="torch", chunk_tokens=7, ch
     valid = mask & (targets != -100)
     lp_ref = (torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * valid).sum(-1)
     (lp_ref * g).sum().backward()
-    msg = f"seed={seed} dtype={dtype} bias={bias} backend={backend} chunks={chunk_tokens}x{chunk_vocab}"
+    msg = f"seed={seed} dtype={dtype} bias={bias} backend={backend} chunks={chunk_tokens}x{chunk_vocab} keep={keep_blocks}"
     # bf16: the logits themselves are rounded to bf16 (as nn.Linear would), hence looser bounds
     a_lp, a_g = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-5), torch.bfloat16: (0.1, 0.05)}[dtype]
     sc = g.abs().max().item()

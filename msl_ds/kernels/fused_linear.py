@@ -88,7 +88,15 @@ def _resolve_backend(backend: str, hidden: Tensor) -> str:
     return backend
 
 
-def _torch_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc):
+def _remember(kept: dict, keep: int, key: tuple, z: Tensor) -> None:
+    """Hold on to the last ``keep`` logit blocks of forward, so backward need not recompute them."""
+    if keep > 0:
+        kept[key] = z
+        if len(kept) > keep:
+            del kept[next(iter(kept))]
+
+
+def _torch_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc, keep, kept):
     """Forward loops of the torch backend: ``(lse [M], tok [M])`` in ``acc``."""
     M, V = h_all.shape[0], w.shape[0]
     lse = torch.empty(M, dtype=acc, device=h_all.device)
@@ -102,21 +110,23 @@ def _torch_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc):
         xt = torch.zeros(e - s, dtype=acc, device=h_all.device)
         for v0 in range(0, V, chunk_vocab):
             v1 = min(v0 + chunk_vocab, V)
-            z = (h @ w[v0:v1].T if b is None else torch.addmm(b[v0:v1], h, w[v0:v1].T)).to(acc)
+            zr = h @ w[v0:v1].T if b is None else torch.addmm(b[v0:v1], h, w[v0:v1].T)
+            _remember(kept, keep, (s, v0), zr)
+            z = zr.to(acc)  # (nothing below writes into z: a kept zr stays intact)
             m_new = torch.maximum(m, z.amax(dim=1))
             ssum = ssum * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
             m = m_new
             inside = (tg >= v0) & (tg < v1)
             zt = z.gather(1, (tg - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
             xt = torch.where(inside, zt, xt)
-            del z
+            del z, zr
         lse_c = m + torch.log(ssum)
         lse[s:e] = lse_c
         tok[s:e] = xt - lse_c
     return lse, tok
 
 
-def _triton_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc):
+def _triton_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc, keep, kept):
     """Forward loops of the triton backend: each ``z`` block stays in the hidden dtype."""
     from .triton_logprob import triton_chunk_fold_
 
@@ -129,7 +139,8 @@ def _triton_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc):
         for v0 in range(0, V, chunk_vocab):
             v1 = min(v0 + chunk_vocab, V)
             z = h @ w[v0:v1].T if b is None else torch.addmm(b[v0:v1], h, w[v0:v1].T)
-            triton_chunk_fold_(z, tgt[s:e], lse[s:e], xt[s:e], v0)
+            triton_chunk_fold_(z, tgt[s:e], lse[s:e], xt[s:e], v0)  # reads z only
+            _remember(kept, keep, (s, v0), z)
             del z
     return lse, xt - lse
 
@@ -154,7 +165,7 @@ def _dz_block(z, tg, lse, g, v0, acc, backend):
 
 class _FusedLinearSequenceLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, chunk_tokens, chunk_vocab, backend):
+    def forward(ctx, hidden, weight, bias, targets, valid, chunk_tokens, chunk_vocab, backend, keep_blocks):
         N, T, H = hidden.shape
         if weight.dim() != 2 or weight.shape[1] != H:
             raise RuntimeError(
@@ -170,7 +181,8 @@ class _FusedLinearSequenceLogprobs(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
         loops = _triton_forward if backend == "triton" else _torch_forward
-        lse, tok = loops(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc)
+        kept: dict = {}
+        lse, tok = loops(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc, keep_blocks, kept)
         logps = torch.zeros(N, dtype=acc, device=hidden.device)
         logps.index_add_(0, n_idx, tok)
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), n_idx, t_idx, tgt, lse)
@@ -178,6 +190,7 @@ class _FusedLinearSequenceLogprobs(torch.autograd.Function):
         ctx.chunk_tokens = chunk_tokens
         ctx.chunk_vocab = chunk_vocab
         ctx.backend = backend
+        ctx.kept = kept  # intermediate blocks (no grad), dropped as backward uses them
         return logps
 
     @staticmethod
@@ -207,7 +220,9 @@ class _FusedLinearSequenceLogprobs(torch.autograd.Function):
             for s in range(0, M, ct):
                 e = min(s + ct, M)
                 h = h_all[s:e]
-                z = h @ wv.T if b is None else torch.addmm(b[v0:v1], h, wv.T)
+                z = ctx.kept.pop((s, v0), None)
+                if z is None:
+                    z = h @ wv.T if b is None else torch.addmm(b[v0:v1], h, wv.T)
                 dz = _dz_block(z, tgt[s:e], lse[s:e], g_tok[s:e, None], v0, acc, ctx.backend)
                 if need_h:
                     _mm_acc_(gh[s:e], dz, wv)
@@ -226,7 +241,8 @@ class _FusedLinearSequenceLogprobs(torch.autograd.Function):
         if need_h:
             grad_hidden = torch.zeros_like(hidden)
             grad_hidden[n_idx, t_idx] = gh.to(dt)
-        return grad_hidden, gw, gb, None, None, None, None, None
+        ctx.kept.clear()
+        return grad_hidden, gw, gb, None, None, None, None, None, None
 
 
 def fused_linear_sequence_logprobs(
@@ -240,6 +256,7 @@ def fused_linear_sequence_logprobs(
     chunk_tokens: int | None = None,
     chunk_vocab: int | None = None,
     backend: str = "auto",
+    keep_blocks: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``sequence_logprobs(hidden @ weight.T + bias, targets, mask)`` without the logits.
 
@@ -251,6 +268,9 @@ def fused_linear_sequence_logprobs(
         chunk_tokens, chunk_vocab: block of logits held at once (default: 1024 x 8192 for
             ``"torch"``, 16384 x 16384 for ``"triton"``).
         backend: ``"auto"`` (Triton on CUDA, else torch), ``"torch"`` or ``"triton"``.
+        keep_blocks: logit blocks the forward keeps for the backward, which then does not
+            recompute them (each ``chunk_tokens x chunk_vocab`` in the hidden dtype). Trades a
+            fixed amount of memory, independent of V, for part of the recompute matmul.
 
     Returns:
         ``(logps [N], n_tokens [N])`` fp32 (fp64 for fp64 hidden); differentiable wrt
@@ -266,7 +286,15 @@ def fused_linear_sequence_logprobs(
     valid = valid_token_mask(targets, mask, ignore_index)
     n_tokens = valid.sum(1).to(_acc(hidden.dtype))
     logps = _FusedLinearSequenceLogprobs.apply(
-        hidden, weight, bias, targets, valid, max(1, int(chunk_tokens)), max(1, int(chunk_vocab)), backend
+        hidden,
+        weight,
+        bias,
+        targets,
+        valid,
+        max(1, int(chunk_tokens)),
+        max(1, int(chunk_vocab)),
+        backend,
+        max(0, int(keep_blocks)),
     )
     return logps, n_tokens
 
@@ -293,6 +321,7 @@ class FusedLMHeadLogprobs(nn.Module):
         chunk_tokens: int | None = None,
         chunk_vocab: int | None = None,
         backend: str = "auto",
+        keep_blocks: int = 0,
     ) -> None:
         super().__init__()
         self.lm_head = lm_head
@@ -300,6 +329,7 @@ class FusedLMHeadLogprobs(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.chunk_vocab = chunk_vocab
         self.backend = backend
+        self.keep_blocks = keep_blocks
         self.register_zero3_external()
 
     def register_zero3_external(self) -> None:
@@ -326,4 +356,5 @@ class FusedLMHeadLogprobs(nn.Module):
             chunk_tokens=self.chunk_tokens,
             chunk_vocab=self.chunk_vocab,
             backend=self.backend,
+            keep_blocks=self.keep_blocks,
         )

@@ -54,9 +54,17 @@ def main() -> int:
         ),
     ]
 
-    def fused_linear(dtype, bias, chunk_tokens):
+    def fused_linear(dtype, bias, chunk_tokens, keep_blocks=0):
         def run(*_args, **_kw):
-            check_fused_linear(seed, dtype, bias, backend="triton", chunk_tokens=chunk_tokens, chunk_vocab=50)
+            check_fused_linear(
+                seed,
+                dtype,
+                bias,
+                backend="triton",
+                chunk_tokens=chunk_tokens,
+                chunk_vocab=50,
+                keep_blocks=keep_blocks,
+            )
 
         return run
 
@@ -64,6 +72,7 @@ def main() -> int:
         ("fused-linear fp32 bias, 7x50 blocks", fused_linear(torch.float32, True, 7), {}),
         ("fused-linear bf16, one token chunk", fused_linear(torch.bfloat16, False, 10**6), {}),
         ("fused-linear bf16 bias, 7x50 blocks", fused_linear(torch.bfloat16, True, 7), {}),
+        ("fused-linear fp32 bias, 7x50 blocks, 3 kept", fused_linear(torch.float32, True, 7, keep_blocks=3), {}),
     ]
     failed = 0
     for name, fn, kw in cases:
