@@ -34,7 +34,7 @@ PY
 step bench 240 python3 benchmarks/bench_preference_loss.py --profile --json "$OUT/bench.json" \
   --contenders naive chunked chunked-inplace triton triton-inplace naive-linear matmul+kernel fused-linear \
   fused-linear-keep1 fused-linear-keep2 fused-linear-torch
-grep -v '^{' "$OUT/bench.log" | tail -25
+grep -v '^{' "$OUT/bench.log" | tail -30
 step sweep 150 python3 benchmarks/sweep_kernel_blocks.py --reps 5
 cat "$OUT/sweep.log"
 if python3 -c "import liger_kernel" 2>/dev/null; then
