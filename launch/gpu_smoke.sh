@@ -29,9 +29,9 @@ step() {  # step NAME SECONDS CMD...
 }
 DS="python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 29561"
 CFG=ds_configs/run_cpu_tiny.yaml
-step world 120 python3 launch/make_world.py --out "$WORK/world" --size tiny
-step base 300 $DS launch/make_base.py $CFG data.dir="$WORK/world" base.out_dir="$WORK/base" model.dtype=$DTYPE ${BASE_ARGS:-}
-step train 420 $DS launch/train.py $CFG data.dir="$WORK/world" model.path="$WORK/base" model.dtype=$DTYPE \
+step world 60 python3 launch/make_world.py --out "$WORK/world" --size tiny
+step base 150 $DS launch/make_base.py $CFG data.dir="$WORK/world" base.out_dir="$WORK/base" model.dtype=$DTYPE ${BASE_ARGS:-}
+step train 240 $DS launch/train.py $CFG data.dir="$WORK/world" model.path="$WORK/base" model.dtype=$DTYPE \
   run.output_dir="$WORK/run" run.method=msl pbl.embedder=lexical data.stages=[1,2] data.eval_limit=40 "$@"
 grep -h -i -E "nccl|bf16|stage_0[12]" "$OUT/train.log" | grep -v -i warn | head -12
 cp "$WORK/run/summary.json" "$OUT/" && python3 -c "
