@@ -71,21 +71,16 @@ def _mm_acc_(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _resolve_backend(backend: str, hidden: Tensor) -> str:
-    from .triton_logprob import interpret_mode, triton_available
+    """The logits path's rules (``msl_ds.kernels.resolve_backend``), except that fp64 stays on
+    torch: the block kernels compute in fp32."""
+    from . import resolve_backend  # lazy: the package imports this module
 
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        use = hidden.is_cuda and hidden.dtype != torch.float64 and triton_available()
-        return "triton" if use else "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("triton is not importable; use backend='torch'")
-        if not hidden.is_cuda and not interpret_mode():
-            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU tensors)")
-        if hidden.dtype == torch.float64:
-            raise TypeError("the triton backend supports fp32/fp16/bf16 hidden states; use backend='torch' for fp64")
-    return backend
+    if backend == "auto" and hidden.dtype == torch.float64:
+        return "torch"
+    be = resolve_backend(hidden, backend)
+    if be == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("the triton backend supports fp32/fp16/bf16 hidden states; use backend='torch' for fp64")
+    return be
 
 
 def _remember(kept: dict, keep: int, key: tuple, z: Tensor) -> None:
