@@ -1,17 +1,23 @@
 """Compare methods on one world and base model: sequential SFT, replay, MSL and its ablations.
 
-    python launch/compare.py --out results/paper                       # the embedded default world
-    python launch/compare.py --data DIR --model DIR --out results/mine  # any DESIGN.md §4 world
-    python launch/compare.py --split valid ...                          # choose hyperparameters here
+    python launch/compare.py --out results/default                        # the embedded default world
+    python launch/compare.py --data DIR --model DIR --out results/mine     # any world in the README's layout
+    python launch/compare.py --split valid ...                             # choose hyperparameters here
+    python launch/compare.py ... --publish docs/results/default            # copy the auditable record
 
 Every (method, seed) pair is one ordinary ``launch/train.py`` run under ``<out>/runs/`` (so it
 resumes like one), launched with ``deepspeed``; ``--jobs`` runs several at once, each with
-``--nproc`` ranks. When all are done, ``<out>/summary.md`` and ``<out>/summary.json`` hold mean
-± std over seeds per method, and ``<out>/curves.png`` and ``<out>/matrix_<method>.png`` the
-plots. Extra ``key=value`` arguments go to every run (e.g. ``data.stages=[1,2]``).
+``--nproc`` ranks. When all are done, every run is re-scored from its stored answers and the
+world files (``msl_ds.evaluation.rescore_run``: the current-world rule, whatever code wrote the
+run) into ``<out>/runs/<method>/seed<k>/scores.json``; ``<out>/summary.md`` and
+``<out>/summary.json`` hold mean ± std and every seed's value per method, and
+``<out>/curves.png`` and ``<out>/matrix_<method>.png`` the plots. ``--publish DIR`` copies the
+summary, the plots and one small JSON per run (``runs/<method>_seed<k>.json``) to ``DIR``.
+Extra ``key=value`` arguments go to every run (e.g. ``data.stages=[1,2]``).
 
 Evaluation uses ``--split`` (``test`` by default). Hyperparameters are chosen with
-``--split valid`` (other phrasings of the same facts) and only then measured on ``test``.
+``--split valid`` (other phrasings of the same facts, and the valid retain/general probes: a
+valid run never opens a test phrasing) and only then measured on ``test``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -32,17 +39,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from msl_ds.evaluation import json_safe  # noqa: E402
 from msl_ds.io import read_json, write_json, write_text  # noqa: E402
 
+# msl_paper is the paper's augmentation (the stage's own facts only); msl adds self-synthesized
+# rehearsal of earlier subjects (augment.reach: all), our extension
 METHODS: dict[str, list[str]] = {
     "sft": ["run.method=sft"],
     "replay": ["run.method=replay"],
+    "msl_paper": ["run.method=msl", "augment.reach=stage"],
     "msl": ["run.method=msl"],
     "msl_no_pbl": ["run.method=msl", "pbl.enabled=false"],
     "msl_no_aug": ["run.method=msl", "augment.enabled=false"],
     "msl_no_select": ["run.method=msl", "select.enabled=false"],
 }
-FINAL = ("acc", "bwt", "retain", "general", "outdated")  # after the last stage
+FINAL = ("acc_world", "acc", "bwt", "retain", "general", "outdated_world")  # after the last stage
 MEANS = ("new_acc", "kgr", "krr", "conflict_precision", "conflict_recall")  # mean over stages
 
 
@@ -83,24 +94,44 @@ def run_one(a: argparse.Namespace, method: str, seed: int, threads: int) -> dict
 # --------------------------------------------------------------------------- aggregation
 
 
-def mean_std(values: list[float]) -> dict[str, Any]:
+def mean_std(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample std over the seeds that have a value; ``seeds``: every seed's value."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
-        return {"mean": float("nan"), "std": float("nan"), "values": values}
+        return {"mean": float("nan"), "std": float("nan"), "seeds": values}
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return {"mean": statistics.fmean(vals), "std": std, "values": values}
+    return {"mean": statistics.fmean(vals), "std": std, "seeds": values}
 
 
-def aggregate(out: Path, methods: list[str], seeds: list[int]) -> dict[str, Any]:
+def score_runs(a: argparse.Namespace, out: Path, methods: list[str], seeds: list[int]) -> None:
+    """Re-score every run from its answers and the world files into ``scores.json``."""
+    from msl_ds.data import load_world
+    from msl_ds.evaluation import rescore_run
+
+    world = load_world(a.data, ("train", a.split), a.split)
+    for m in methods:
+        for s in seeds:
+            run_dir = out / "runs" / m / f"seed{s}"
+            write_json(
+                run_dir / "scores.json", {"method": m, "seed": s, "stages": rescore_run(run_dir, world, a.split)}
+            )
+
+
+def overrides(method: str, common: list[str]) -> dict[str, str]:
+    """The config overrides that define a method's runs (``key=value``), as a dict."""
+    return dict(kv.split("=", 1) for kv in [*METHODS[method], *common])
+
+
+def aggregate(out: Path, methods: list[str], seeds: list[int], common: list[str] = ()) -> dict[str, Any]:
     """Mean ± std over seeds of every reported quantity, per method."""
     result: dict[str, Any] = {}
     for m in methods:
-        runs = [read_json(out / "runs" / m / f"seed{s}" / "summary.json")["stages"] for s in seeds]
+        runs = [read_json(out / "runs" / m / f"seed{s}" / "scores.json")["stages"] for s in seeds]
         walls = [read_json(out / "runs" / m / f"seed{s}" / "wall.json")["seconds"] for s in seeds]
         stages = [st["stage"] for st in runs[0]]
         nan = float("nan")
         final = {k: mean_std([r[-1].get(k, nan) for r in runs]) for k in FINAL}
-        final.update({k: mean_std([statistics.fmean([st.get(k, nan) for st in r]) for r in runs]) for k in MEANS})
+        final.update({k: mean_std([_mean([st.get(k) for st in r]) for r in runs]) for k in MEANS})
         final["wall_seconds"] = mean_std(walls)
         # the first stage's changed facts (DESIGN.md: the conflicts): accuracy and old answers given
         changed = [first_stage_changed(out / "runs" / m / f"seed{s}", stages[0]) for s in seeds]
@@ -108,18 +139,25 @@ def aggregate(out: Path, methods: list[str], seeds: list[int]) -> dict[str, Any]
         final["stage1_changed_outdated"] = mean_std([c[1] for c in changed])
         per_stage = {
             k: [mean_std([r[i].get(k, nan) for r in runs]) for i in range(len(stages))]
-            for k in ("acc", "new_acc", "kgr", "krr", "bwt", "retain", "general", "outdated", *MEANS[3:])
+            for k in (*FINAL, "new_acc", "kgr", "krr", "outdated", *MEANS[3:])
         }
         cells = {(i, j) for r in runs for i, row in r[-1]["matrix"].items() for j in row}
         matrix = {
             f"{i}/{j}": mean_std([r[-1]["matrix"].get(i, {}).get(j, nan) for r in runs]) for i, j in sorted(cells)
         }
-        result[m] = {"stages": stages, "final": final, "per_stage": per_stage, "matrix": matrix}
+        result[m] = {**final, "overrides": overrides(m, list(common)), "stages": stages, "per_stage": per_stage}
+        result[m]["matrix"] = matrix
     return result
 
 
+def _mean(values: list[float | None]) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(vals) if vals else float("nan")
+
+
 def first_stage_changed(run_dir: Path, stage: int) -> tuple[float, float]:
-    """(accuracy, share answered with the previous answer) on the changed facts of ``stage``."""
+    """(accuracy, share answered with the previous answer) on the changed facts of ``stage``,
+    right after it (the stage's own evaluation, as the run recorded it)."""
     rows = [json.loads(x) for x in (run_dir / f"stage_{stage:02d}" / "eval.jsonl").read_text().splitlines()]
     mine = [r for r in rows if r["set"] == f"stage_{stage:02d}" and r.get("previous_answer")]
     if not mine:
@@ -134,19 +172,25 @@ def _pm(d: dict[str, Any]) -> str:
 def summary_markdown(res: dict[str, Any], seeds: list[int], split: str) -> str:
     cols = [*FINAL, *MEANS, "stage1_changed_acc", "stage1_changed_outdated", "wall_seconds"]
     lines = [
-        f"Mean ± std over seeds {seeds}, evaluated on the `{split}` phrasings. acc, bwt, retain, general and "
-        "outdated after the last stage; new_acc, kgr, krr and conflict precision/recall averaged over stages; "
-        "stage1_changed_*: the first stage's changed facts right after it (accuracy, share still answered with "
-        "the previous answer); wall_seconds per run.",
+        f"Mean ± std over seeds {seeds}, evaluated on the `{split}` phrasings, every answer scored against the "
+        "gold current at the stage evaluated. acc_world (every current fact once), acc, bwt, retain, general and "
+        "outdated_world (share of the facts changed so far answered with a superseded value) after the last "
+        "stage; new_acc, kgr, krr and conflict precision/recall averaged over stages; stage1_changed_*: the "
+        "first stage's changed facts right after it (accuracy, share still answered with the previous answer); "
+        "wall_seconds per run.",
         "",
         "| method | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
     for m, r in res.items():
-        cells = [_pm(r["final"][c]) if c != "wall_seconds" else f"{r['final'][c]['mean']:.0f}" for c in cols]
+        cells = [_pm(r[c]) if c != "wall_seconds" else f"{r[c]['mean']:.0f}" for c in cols]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     stages = next(iter(res.values()))["stages"]
-    for key, title in (("acc", "ACC after each stage"), ("new_acc", "new_acc per stage (the stage's own facts)")):
+    for key, title in (
+        ("acc_world", "acc_world after each stage"),
+        ("acc", "ACC after each stage"),
+        ("new_acc", "new_acc per stage (the stage's own facts)"),
+    ):
         lines += ["", f"{title}:", "", "| method | " + " | ".join(str(s) for s in stages) + " |"]
         lines.append("|---|" + "---|" * len(stages))
         for m, r in res.items():
@@ -163,11 +207,11 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, r in res.items():
-        mean = [v["mean"] for v in r["per_stage"]["acc"]]
-        std = [v["std"] for v in r["per_stage"]["acc"]]
+        mean = [v["mean"] for v in r["per_stage"]["acc_world"]]
+        std = [v["std"] for v in r["per_stage"]["acc_world"]]
         ax.errorbar(r["stages"], mean, yerr=std, marker="o", capsize=3, label=m)
     ax.set_xlabel("after stage")
-    ax.set_ylabel("ACC (mean accuracy over stage test sets seen so far)")
+    ax.set_ylabel("acc_world (every current fact, current golds)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -209,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="test", choices=["test", "valid"])
     p.add_argument("--nproc", type=int, default=2, help="ranks per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--world", default=None, help="the world's name in summary.json (default: --data's folder name)")
+    p.add_argument(
+        "--publish", default=None, help="copy summary, plots and per-run JSONs here (e.g. docs/results/default)"
+    )
     p.add_argument("overrides", nargs="*", help="key=value for every run")
     a = p.parse_args(argv)
     for path, what in ((a.data, "--data"), (a.model, "--model")):
@@ -221,14 +269,32 @@ def main(argv: list[str] | None = None) -> None:
     pairs = [(m, s) for s in a.seeds for m in a.methods]
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(lambda ms: run_one(a, ms[0], ms[1], threads), pairs))
-    res = aggregate(out, a.methods, a.seeds)
+    score_runs(a, out, a.methods, a.seeds)
+    res = aggregate(out, a.methods, a.seeds, a.overrides)
     table = summary_markdown(res, a.seeds, a.split)
     written = plots(res, out)
-    meta = {"command": " ".join(sys.argv), "split": a.split, "seeds": a.seeds, "seconds": time.time() - t0}
-    write_json(out / "summary.json", {"meta": meta, "methods": res})
+    meta = {"command": " ".join(sys.argv), "seeds": a.seeds, "seconds": time.time() - t0}
+    summary = {"world": a.world or Path(a.data).name, "split": a.split, "meta": meta, "methods": res}
+    write_json(out / "summary.json", json_safe(summary))
     write_text(out / "summary.md", table)
     print(table, flush=True)
     print(f"wrote {out / 'summary.md'}, summary.json, {', '.join(written)}")
+    if a.publish:
+        publish(out, Path(a.publish), a.methods, a.seeds, ["summary.json", "summary.md", *written])
+
+
+def publish(out: Path, dest: Path, methods: list[str], seeds: list[int], files: list[str]) -> None:
+    """Copy the summary, the plots and one small JSON per run (its per-stage metrics, its
+    command and wall time) to ``dest``, for committing."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(out / f, dest / f)
+    for m in methods:
+        for s in seeds:
+            run_dir = out / "runs" / m / f"seed{s}"
+            stages = read_json(run_dir / "scores.json")["stages"]
+            write_json(dest / "runs" / f"{m}_seed{s}.json", {**read_json(run_dir / "wall.json"), "stages": stages})
+    print(f"published to {dest}")
 
 
 if __name__ == "__main__":

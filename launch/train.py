@@ -27,7 +27,7 @@ from msl_ds.augment import KINDS, acceptance, run_augment, training_rows  # noqa
 from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
 from msl_ds.data import DataError, check_lengths, encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
 from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps  # noqa: E402
-from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, outdated_share, transfer  # noqa: E402
+from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_scores  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
 from msl_ds.generation import GenConfig  # noqa: E402
 from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
@@ -64,7 +64,8 @@ class Recipe:
         )
         set_progress(self.cfg.monitor.progress)
         self.ds_config = load_deepspeed_config(self.cfg, D.world_size())
-        self.world = load_world(self.cfg.data.dir)  # everything validated before anything is written
+        split = self.cfg.data.eval_split  # only train rows and this split's phrasings are ever read
+        self.world = load_world(self.cfg.data.dir, ("train", split), split)  # validated before anything is written
         self.stages = self.cfg.data.stages or [s for s in self.world.stages if s >= 1]
         missing = [s for s in self.stages if s not in self.world.stages]
         if missing:
@@ -78,6 +79,7 @@ class Recipe:
         if D.is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
             write_text(self.out / "config.yaml", dump_yaml(self.cfg))
+            write_json(self.out / "inputs.json", {"eval_split": split, "files": [str(p) for p in self.world.read]})
         D.barrier()
         self.monitor = Monitor(self.out / "tb" / "msl", self.cfg.monitor.tensorboard)
         self.gen = GenConfig.from_eval(self.cfg.eval, self.cfg.run.seed)
@@ -96,7 +98,7 @@ class Recipe:
         if D.is_rank0() and done:
             table = markdown_table(done)
             write_text(self.out / "metrics.md", table)
-            write_json(self.out / "summary.json", {"stages": done})
+            write_json(self.out / "summary.json", json_safe({"stages": done}))
             self.monitor.text("summary", table, done[-1]["global_step"])
             print(table, flush=True)
         return done
@@ -142,14 +144,18 @@ class Recipe:
         maybe_fault("export", stage=t)
         export_model(engine.module, self.tokenizer, pad, sdir / "hf")
         maybe_fault("eval", stage=t)
-        results = evaluate_sets(engine.module, self.tokenizer, pad, self.eval_sets(t), self.gen, f"stage {t} eval")
+        sets = self.eval_sets(t)
+        now = self.state(t)
+        results = evaluate_sets(
+            engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} eval", dict.fromkeys(sets, now)
+        )
         D.destroy_engine(engine)
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
             stats.update(acceptance(augmented) if augmented is not None else {})
             metrics = self.stage_metrics(t, prev, before, results, stats, len(plan), time.time() - t0)
             write_jsonl(sdir / "eval.jsonl", [dict(r, set=n) for n, rs in results.items() for r in rs])
-            write_json(sdir / "metrics.json", metrics)
+            write_json(sdir / "metrics.json", json_safe(metrics))
             maybe_fault("stage_end", stage=t)
             phase_files = (["probe.jsonl"] if probed is not None else []) + (["augment.jsonl"] if augmented else [])
             write_marker(sdir, ["metrics.json", "eval.jsonl", "pre_eval.jsonl", "hf", *phase_files])
@@ -193,6 +199,10 @@ class Recipe:
             }
         return ds
 
+    def state(self, t: int):
+        """The world state after stage ``t``: the gold every fact has then (msl_ds.facts)."""
+        return self.world.state(t, ("train", self.cfg.data.eval_split), self.stages)
+
     def _limit(self, rows):
         n = self.cfg.data.eval_limit
         return rows[:n] if n else rows
@@ -222,7 +232,10 @@ class Recipe:
         sets = {"now": self._limit(self.world.split(t, self.cfg.data.eval_split))}
         if not prev["matrix"]:
             sets.update(self.eval_sets(0))
-        results = evaluate_sets(engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} pre-eval")
+        # stage t's questions against stage t's golds (the authors' old_acc); the base model's
+        # sets against the world it was trained on
+        states = {n: self.state(t) if n == "now" else self.state(t - 1) for n in sets}
+        results = evaluate_sets(engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} pre-eval", states)
         if D.is_rank0():
             write_jsonl(path, [dict(r, set=n) for n, rs in results.items() for r in rs])
         D.barrier()
@@ -270,7 +283,7 @@ class Recipe:
         return probed
 
     def augment(self, engine, pad, t: int) -> list[dict[str, Any]] | None:
-        """π_{t-1}'s self-distilled augmentations of stage t, selected (DESIGN.md §2.2–2.3).
+        """π_{t-1}'s self-distilled augmentations of stage t, selected (docs/METHOD.md).
 
         Every rank generates its shard; rank 0 selects and writes ``augment.jsonl`` (every sample
         with its provenance, scores and verdict) atomically; every rank then reads it. A resumed
@@ -294,26 +307,8 @@ class Recipe:
         return records
 
     def stage_metrics(self, t, prev, before, results, stats, steps, seconds) -> dict[str, Any]:
-        matrix = {i: dict(row) for i, row in prev["matrix"].items()}
-        base = {}
-        if not matrix:  # row 0: the base model, from the first stage's pre-evaluation
-            base = {n: accuracy([r for r in before if r["set"] == n]) for n in {r["set"] for r in before} - {"now"}}
-            matrix["0"] = {"0": base["stage_00"]}
-        matrix[str(t)] = {
-            str(int(n.split("_")[1])): accuracy(rs) for n, rs in results.items() if n.startswith("stage_")
-        }
-        numeric = {int(i): {int(j): v for j, v in r.items()} for i, r in matrix.items()}
-        now = [r for r in before if r["set"] == "now"]
-        mine = results[f"stage_{t:02d}"]
         return {
-            "stage": t,
-            **({"base": base} if base else {}),
-            **transfer(now, mine),
-            **acc_bwt(numeric),
-            "retain": accuracy(results["retain"]) if "retain" in results else float("nan"),
-            "general": accuracy(results["general"]) if "general" in results else float("nan"),
-            "outdated": outdated_share(mine),
-            "matrix": matrix,
+            **stage_scores(t, before, results, prev["matrix"]),
             **stats,
             "train_steps": steps,
             "global_step": prev["global_step"] + steps,
@@ -323,7 +318,10 @@ class Recipe:
 
     def log_stage(self, m: dict[str, Any]) -> None:
         step = m["global_step"]
-        keys = ("old_acc", "new_acc", "kgr", "krr", "acc", "bwt", "retain", "general", "outdated")
+        keys = (
+            "acc_world", "outdated_world", "old_acc", "new_acc", "kgr", "krr", "acc", "bwt", "retain", "general",
+            "outdated", "eval_unfinished",
+        )  # fmt: skip
         self.monitor.scalars({f"stage/{k}": m[k] for k in keys}, step)
         self.monitor.scalars({f"probe/{k.removeprefix('probe_')}": v for k, v in m.items() if k in PROBE_KEYS}, step)
         self.monitor.scalars({f"stage/{k}": m[k] for k in ("margin_aligned", "margin_conflict") if k in m}, step)
@@ -334,19 +332,16 @@ class Recipe:
             self.monitor.accuracy_matrix(m["matrix"], step)
         self.monitor.text("accuracy_matrix", markdown_table([m]), step)
         self.monitor.flush()
-        log.info(
-            "stage %d: new_acc %.3f kgr %.3f krr %.3f acc %.3f retain %.3f",
-            m["stage"],
-            m["new_acc"],
-            m["kgr"],
-            m["krr"],
-            m["acc"],
-            m["retain"],
-        )
+        shown = ("acc_world", "outdated_world", "new_acc", "kgr", "acc", "retain")
+        log.info("stage %d: %s", m["stage"], " ".join(f"{k} {_num(m[k])}" for k in shown))
 
     def cleanup(self) -> None:
         self.monitor.close()
         D.shutdown()
+
+
+def _num(v: Any) -> str:
+    return "—" if v is None or v != v else f"{v:.3f}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

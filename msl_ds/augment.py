@@ -38,8 +38,9 @@ from typing import Any, Callable
 
 from msl_ds import distributed as D
 from msl_ds.config import AugmentSection, RunConfig, SelectSection, SkillsSection
-from msl_ds.data import DataError, World, encode_example, fact_key
+from msl_ds.data import DataError, World, encode_example
 from msl_ds.evaluation import is_correct
+from msl_ds.facts import fact_key
 from msl_ds.generation import GenConfig, generate
 
 KINDS = ("paraphrase", "expansion", "background", "rehearsal")

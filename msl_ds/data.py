@@ -1,4 +1,4 @@
-"""Stage data: loading and validating the DESIGN.md §4 layout, tokenising, batch plans.
+"""Stage data: loading and validating the data layout (README "Your data"), tokenising, batch plans.
 
 A world directory holds ``stage_NN/{train,valid,test}.{jsonl,parquet}`` plus optional
 ``retain`` and ``general`` files. Rows need ``question`` and ``answer`` (the authors'
@@ -9,6 +9,7 @@ anything is written.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from typing import Any
 
 import torch
 
+from msl_ds.facts import WorldState, fact_key, has_identity
 from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD
 from msl_ds.modeling import answer_ids, prompt_ids
 
-OPTIONAL_FIELDS = ("id", "subject", "relation", "previous_answer", "kind")
+log = logging.getLogger(__name__)
+OPTIONAL_FIELDS = ("id", "fact_id", "subject", "relation", "previous_answer", "kind")
 ALIASES = {"Question": "question", "Answer": "answer"}
 STAGE_RE = re.compile(r"^stage_(\d+)$")
 
@@ -147,6 +150,13 @@ def load_rows(path: str | Path, required: bool = True) -> list[dict[str, Any]]:
     stem = f"{p.parent.name}/{p.stem}"
     rows = [normalise_row(obj, f"{p}:{ln}", f"{stem}/{ln}") for ln, obj in pairs]
     check_ids(rows, p, [ln for ln, _ in pairs])
+    keyless = sum(not has_identity(r) for r in rows)
+    if keyless:
+        log.warning(
+            "%s: %d of %d rows have neither 'fact_id' nor 'subject'+'relation': each is its own fact, "
+            "and a later stage can never supersede it",
+            p, keyless, len(rows),
+        )  # fmt: skip
     return rows
 
 
@@ -166,20 +176,45 @@ def check_ids(rows: list[dict[str, Any]], path: Path, lines: list[int] | None = 
 
 @dataclass
 class World:
-    """The files of one data directory, validated up front."""
+    """The files of one data directory, validated up front.
+
+    ``retain`` and ``general`` are the fixed probes of the evaluation split the world was loaded
+    for (``retain.jsonl`` / ``general.jsonl`` for test, ``retain_valid.jsonl`` /
+    ``general_valid.jsonl`` for valid); ``read`` lists every file that was opened.
+    """
 
     root: Path
     stages: dict[int, dict[str, list[dict[str, Any]]]]
     retain: list[dict[str, Any]]
     general: list[dict[str, Any]]
     files: dict[tuple[int, str], Path] = field(default_factory=dict)  # (stage, split) -> its file
+    read: list[Path] = field(default_factory=list)
 
     def split(self, stage: int, name: str) -> list[dict[str, Any]]:
         return self.stages[stage].get(name, [])
 
+    def state(self, stage: int, splits: tuple[str, ...], stages: list[int] | None = None) -> WorldState:
+        """The world state after ``stage``: every fact stated in ``splits`` of the stages up to it
+        (with ``stages``, only those and stage 0: the stages a run trains on)."""
+        keep = [s for s in self.stages if stages is None or s == 0 or s in stages]
+        try:
+            return WorldState.build([(s, [r for sp in splits for r in self.split(s, sp)]) for s in keep], stage)
+        except ValueError as exc:
+            raise DataError(f"{self.root}: {exc}") from None
 
-def load_world(root: str | Path, splits: tuple[str, ...] = ("train", "valid", "test")) -> World:
-    """Load and validate every stage (and the fixed probes) before any work starts."""
+
+def probe_file(root: Path, name: str, split: str) -> Path | None:
+    """The ``retain``/``general`` probe file of an evaluation split (valid: ``<name>_valid``)."""
+    return find_file(root, name if split == "test" else f"{name}_{split}")
+
+
+def load_world(
+    root: str | Path, splits: tuple[str, ...] = ("train", "valid", "test"), probe_split: str = "test"
+) -> World:
+    """Load and validate every stage's ``splits`` and the fixed probes of ``probe_split``.
+
+    Nothing else is opened: a run that evaluates on ``valid`` never reads a test phrasing.
+    """
     root = Path(root)
     stages: dict[int, dict[str, list[dict[str, Any]]]] = {}
     files: dict[tuple[int, str], Path] = {}
@@ -188,21 +223,15 @@ def load_world(root: str | Path, splits: tuple[str, ...] = ("train", "valid", "t
         for split in splits:
             f = find_file(d, split)
             if f is None:
-                if split in ("train", "test"):
+                if split in ("train", "test") or split == probe_split:
                     raise DataError(f"{d}: missing {split}.jsonl (or .parquet)")
                 continue
             stages[idx][split] = load_rows(f)  # an empty file is refused: every stage needs rows
             files[(idx, split)] = f
-    retain = load_rows(find_file(root, "retain"), required=False) if find_file(root, "retain") else []
-    general = load_rows(find_file(root, "general"), required=False) if find_file(root, "general") else []
-    return World(root=root, stages=stages, retain=retain, general=general, files=files)
-
-
-def fact_key(row: dict[str, Any]) -> tuple[str, str]:
-    """What identifies a fact across phrasings: (subject, relation), else the question."""
-    if "subject" in row and "relation" in row:
-        return (row["subject"], row["relation"])
-    return (row["question"], "")
+    probes = {name: probe_file(root, name, probe_split) for name in ("retain", "general")}
+    loaded = {name: load_rows(f) if f else [] for name, f in probes.items()}
+    read = [*files.values(), *(f for f in probes.values() if f)]
+    return World(root=root, stages=stages, retain=loaded["retain"], general=loaded["general"], files=files, read=read)
 
 
 # --------------------------------------------------------------------------- replay

@@ -15,14 +15,13 @@ from collections import defaultdict
 from typing import Any
 
 from msl_ds.config import SkillsSection
-from msl_ds.data import fact_key
 
 
 def _facts(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     by_fact: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r.get("subject") and r.get("relation"):
-            by_fact[fact_key(r)].append(r)
+            by_fact[(r["subject"], r["relation"])].append(r)
     return dict(sorted(by_fact.items()))
 
 

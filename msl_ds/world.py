@@ -10,7 +10,8 @@ general skill (two-digit addition) learned in stage 0 is probed by
 
 Design rules that the trainer and evaluator rely on (all checked in code):
 
-* every fact changes at most once, so earlier stages' test sets stay valid;
+* every fact changes at most once (the evaluator handles any number of changes: an earlier
+  stage's test rows are scored against the gold current at evaluation time, via ``fact_id``);
 * per relation, no answer is a substring of another answer (case-insensitive),
   across the whole world, so substring-based scoring is unambiguous;
 * no question contains its answer (or its previous answer);
@@ -35,7 +36,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: rows carry fact_id; retain/general get valid-phrasing probes
+RNG_STREAM = 1  # the random stream: unchanged since version 1, so the rows are the same
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 KINDS: tuple[str, ...] = ("base", "general", "conflict", "new", "retain")
 ENTITY_TYPES: tuple[str, ...] = ("company", "person", "city", "product")
@@ -347,6 +349,8 @@ class World:
     retain: list[dict[str, Any]]
     general: list[dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
+    retain_valid: list[dict[str, Any]] = field(default_factory=list)  # the probes in valid phrasings
+    general_valid: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -544,9 +548,10 @@ def _make_general(rng: random.Random, n: int) -> list[tuple[int, int]]:
 def _row(
     row_id: str, question: str, answer: str, subject: str, relation: str, kind: str, previous: str | None = None
 ) -> dict[str, Any]:
-    """One dataset row in the contract's schema."""
+    """One dataset row in the contract's schema (``fact_id``: subject key / relation)."""
     row: dict[str, Any] = {
         "id": row_id,
+        "fact_id": "/".join(row_id.split("/")[1:3]),
         "question": question,
         "answer": answer,
         "subject": subject,
@@ -602,8 +607,8 @@ def _fact_sort_key(f: _Fact) -> tuple[str, int]:
 
 def _build_rows(
     ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]]
-) -> tuple[list[dict[str, list[dict]]], list[dict], list[dict]]:
-    """Turn evolved facts into stage files, retain.jsonl and general.jsonl rows."""
+) -> tuple[list[dict[str, list[dict]]], list[dict], list[dict], list[dict], list[dict]]:
+    """Turn evolved facts into stage files and the retain/general probes (test, then valid)."""
     idx = ws.split_indices()
     facts = sorted(facts, key=_fact_sort_key)
     base = [f for f in facts if f.introduced == 0]
@@ -630,7 +635,15 @@ def _build_rows(
         for r in _fact_rows("retain", f, "test", idx["test"], f.initial, "retain")
     ]
     general = _general_rows("general", pairs, "test", idx["test"])
-    return stages, retain, general
+    # the same probes in the valid phrasings, for tuning: a valid run never reads a test phrasing
+    retain_valid = [
+        r
+        for f in base
+        if f.changed_at is None
+        for r in _fact_rows("retain", f, "valid", idx["valid"], f.initial, "retain")
+    ]
+    general_valid = _general_rows("general", pairs, "valid", idx["valid"])
+    return stages, retain, general, retain_valid, general_valid
 
 
 # --------------------------------------------------------------------------- #
@@ -639,7 +652,7 @@ def _build_rows(
 def _all_rows(world: World) -> list[dict[str, Any]]:
     """Every row of the world (stages, retain, general) in file order."""
     rows = [r for st in world.stages for s in SPLITS for r in st[s]]
-    return rows + world.retain + world.general
+    return rows + world.retain + world.general + world.retain_valid + world.general_valid
 
 
 def validate_world(world: World) -> None:
@@ -715,6 +728,8 @@ def _data_files(world: World) -> dict[str, bytes]:
     files = {f"stage_{t:02d}/{s}.jsonl": _jsonl_bytes(st[s]) for t, st in enumerate(world.stages) for s in SPLITS}
     files["retain.jsonl"] = _jsonl_bytes(world.retain)
     files["general.jsonl"] = _jsonl_bytes(world.general)
+    files["retain_valid.jsonl"] = _jsonl_bytes(world.retain_valid)
+    files["general_valid.jsonl"] = _jsonl_bytes(world.general_valid)
     return files
 
 
@@ -770,12 +785,12 @@ def generate_world(size: str | WorldSize = "default", seed: int = 0) -> World:
     """
     size_name, ws = _resolve_size(size)
     _check_size(ws)
-    rng = random.Random(f"msl_ds.world/v{GENERATOR_VERSION}/{seed}")
+    rng = random.Random(f"msl_ds.world/v{RNG_STREAM}/{seed}")
     by_type, countries = _make_entities(rng, ws)
     facts = _evolve(rng, ws, by_type, countries)
     pairs = _make_general(rng, ws.n_general)
-    stages, retain, general = _build_rows(ws, facts, pairs)
-    world = World(stages=stages, retain=retain, general=general)
+    stages, retain, general, retain_valid, general_valid = _build_rows(ws, facts, pairs)
+    world = World(stages=stages, retain=retain, general=general, retain_valid=retain_valid, general_valid=general_valid)
     validate_world(world)
     world.meta = {
         "generator": "msl_ds.world",

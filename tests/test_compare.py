@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run
@@ -27,32 +29,50 @@ def test_mean_std_over_seeds():
     assert got["mean"] == pytest.approx(statistics.fmean([0.2, 0.4, 0.9]))
     assert got["std"] == pytest.approx(statistics.stdev([0.2, 0.4, 0.9]))
     assert mean_std([0.5])["std"] == 0.0 and math.isnan(mean_std([float("nan")])["mean"])
+    assert mean_std([0.5, None])["seeds"] == [0.5, None] and mean_std([0.5, None])["mean"] == 0.5
 
 
 def test_compare_tiny_mode(tiny_world, tiny_base, tmp_path):
+    # valid phrasings only: every test file of this copy of the world is garbage, so a run that
+    # opened one would fail
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    for p in [*world.glob("stage_*/test.jsonl"), world / "retain.jsonl", world / "general.jsonl"]:
+        p.write_text("not JSON: a valid-split run must not read this\n")
     out = tmp_path / "cmp"
     cmd = [
-        sys.executable, str(REPO / "launch" / "compare.py"), "--data", str(tiny_world), "--model", str(tiny_base),
-        "--out", str(out), "--config", str(REPO / "ds_configs" / "run_cpu_tiny.yaml"),
-        "--methods", "sft", "msl_no_aug", "--seeds", "0", "--nproc", "1", "--jobs", "2",
+        sys.executable, str(REPO / "launch" / "compare.py"), "--data", str(world), "--model", str(tiny_base),
+        "--out", str(out), "--config", str(REPO / "ds_configs" / "run_cpu_tiny.yaml"), "--split", "valid",
+        "--methods", "sft", "msl_no_aug", "--seeds", "0", "--nproc", "1", "--jobs", "2", "--world", "tiny",
+        "--publish", str(tmp_path / "published"),
         # one short stage; grad_accum 2 on 1 rank keeps the global batch of 2 ranks
         "data.stages=[1]", "data.eval_limit=24", "train.max_steps=4", "train.grad_accum=2",
     ]  # fmt: skip
     proc = run(cmd, timeout=600)
     assert "| sft |" in proc.stdout and "| msl_no_aug |" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"] == "tiny" and summary["split"] == "valid"
     assert set(summary["methods"]) == {"sft", "msl_no_aug"}
     for method, res in summary["methods"].items():
-        r = json.loads((out / "runs" / method / "seed0" / "summary.json").read_text())
-        assert res["final"]["acc"]["values"] == [r["stages"][-1]["acc"]]
+        run_dir = out / "runs" / method / "seed0"
+        inputs = json.loads((run_dir / "inputs.json").read_text())
+        assert inputs["eval_split"] == "valid" and not [f for f in inputs["files"] if "test" in Path(f).name]
+        assert "retain_valid.jsonl" in " ".join(inputs["files"])
+        r = json.loads((run_dir / "summary.json").read_text())
+        assert res["acc_world"]["seeds"] == [r["stages"][-1]["acc_world"]]  # re-scoring = what the run wrote
+        assert res["acc"]["seeds"] == [r["stages"][-1]["acc"]] and res["retain"]["seeds"] == [r["stages"][-1]["retain"]]
         assert res["per_stage"]["new_acc"][0]["mean"] == r["stages"][0]["new_acc"]
         assert res["matrix"]["1/1"]["mean"] == r["stages"][-1]["matrix"]["1"]["1"]
-        assert res["final"]["wall_seconds"]["mean"] > 0
+        assert res["wall_seconds"]["mean"] > 0
+        assert res["overrides"]["data.stages"] == "[1]" and res["overrides"]["run.method"] in ("sft", "msl")
         assert (out / f"matrix_{method}.png").read_bytes()[:8] == PNG
-    assert summary["methods"]["msl_no_aug"]["final"]["conflict_recall"]["mean"] >= 0  # msl reports the probe
+        published = json.loads((tmp_path / "published" / "runs" / f"{method}_seed0.json").read_text())
+        assert published["stages"][-1]["acc_world"] == r["stages"][-1]["acc_world"] and published["seed"] == 0
+    assert summary["methods"]["msl_no_aug"]["conflict_recall"]["mean"] >= 0  # msl reports the probe
     assert (out / "curves.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "published" / "summary.json").read_text() == (out / "summary.json").read_text()
     md = (out / "summary.md").read_text()
-    assert "valid" not in md and "`test` phrasings" in md
+    assert "`valid` phrasings" in md and "acc_world" in md
     # a second call finds every run done and only rebuilds the summary
     walls = {p: p.read_text() for p in out.glob("runs/*/*/wall.json")}
     run(cmd, timeout=300)

@@ -61,8 +61,9 @@ def test_run_completes_with_consistent_metrics(reference):
         right = [i for i in before if before[i]]
         kgr = sum(after[i] for i in wrong) / len(wrong) if wrong else float("nan")
         krr = sum(after[i] for i in right) / len(right) if right else float("nan")
-        for name, value in (("kgr", kgr), ("krr", krr)):
-            assert (math.isnan(value) and math.isnan(m[name])) or value == pytest.approx(m[name])
+        for name, value in (("kgr", kgr), ("krr", krr)):  # an empty denominator is null, with its count
+            assert (math.isnan(value) and m[name] is None) or value == pytest.approx(m[name])
+        assert (m["kgr_n"], m["krr_n"]) == (len(wrong), len(right))
         assert m["new_acc"] == pytest.approx(sum(after.values()) / len(after))
         assert m["matrix"][str(t)][str(t)] == pytest.approx(m["new_acc"])
         assert sorted(m["matrix"])[: t + 1] == [str(i) for i in range(t + 1)]
@@ -72,6 +73,34 @@ def test_run_completes_with_consistent_metrics(reference):
     assert first["new_acc"] >= 0.5 and first["new_acc"] > first["old_acc"], first
     table = (reference / "metrics.md").read_text()
     assert table.startswith("| stage |") and "Accuracy matrix" in table
+
+
+def test_acc_world_recomputed_from_eval_rows_and_world_files(reference, tiny_world):
+    """acc_world by hand: every eval answer against the latest gold its fact has in the world files
+    (stages 0..t), each fact weighted once; and msl_ds's own re-scoring reproduces every metric."""
+    from msl_ds.data import load_world
+    from msl_ds.evaluation import rescore_run
+
+    def rows(path):
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+    for t in (1, 2):
+        gold = {}  # fact_id -> latest gold up to stage t
+        for s in range(t + 1):
+            for split in ("train", "test"):
+                gold.update({r["fact_id"]: r["answer"] for r in rows(tiny_world / f"stage_{s:02d}" / f"{split}.jsonl")})
+        by_fact: dict[str, list[bool]] = {}
+        for r in rows(reference / f"stage_{t:02d}" / "eval.jsonl"):
+            if r["set"].startswith("stage_"):
+                assert r["gold"] == gold[r["fact"]] and ("stated_gold" in r) == (
+                    r["gold"] != r.get("stated_gold", r["gold"])
+                )
+                by_fact.setdefault(r["fact"], []).append(gold[r["fact"]].lower() in r["output"].lower())
+        expected = sum(sum(v) / len(v) for v in by_fact.values()) / len(by_fact)
+        m = json.loads((reference / f"stage_{t:02d}" / "metrics.json").read_text())
+        assert m["acc_world"] == expected and m["acc_world_facts"] == len(by_fact)
+    again = rescore_run(reference, load_world(tiny_world, ("train", "test"), "test"), "test")
+    assert again == [json.loads((reference / f"stage_{t:02d}" / "metrics.json").read_text()) for t in (1, 2)]
 
 
 def test_export_reloads_and_reproduces_answers(reference):

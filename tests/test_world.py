@@ -32,7 +32,9 @@ def world() -> World:
 
 
 def all_rows(w: World) -> list[dict]:
-    return [r for st in w.stages for s in SPLITS for r in st[s]] + w.retain + w.general
+    return (
+        [r for st in w.stages for s in SPLITS for r in st[s]] + w.retain + w.general + w.retain_valid + w.general_valid
+    )
 
 
 def split_of(row: dict) -> str:
@@ -46,13 +48,18 @@ def read_tree(d: Path) -> dict[str, bytes]:
 def test_layout_and_schema(world: World) -> None:
     ws = SIZES["tiny"]
     assert len(world.stages) == ws.n_stages + 1 == 8
-    keys = {"id", "question", "answer", "subject", "relation", "kind"}
+    keys = {"id", "fact_id", "question", "answer", "subject", "relation", "kind"}
     for r in all_rows(world):
         assert keys <= set(r) <= keys | {"previous_answer"}
         assert all(isinstance(r[k], str) and r[k] for k in r)
     assert sum(1 for r in world.stages[0]["train"] if r["kind"] != "general") <= 300
     ids = [r["id"] for r in all_rows(world)]
     assert len(ids) == len(set(ids))
+    # fact_id names the fact across phrasings and stages: one (subject, relation) per fact_id
+    pairs: dict[str, set] = {}
+    for r in all_rows(world):
+        pairs.setdefault(r["fact_id"], set()).add((r["subject"], r["relation"]))
+    assert all(len(v) == 1 for v in pairs.values())
 
 
 def test_stage_contents(world: World) -> None:
@@ -71,6 +78,10 @@ def test_stage_contents(world: World) -> None:
         assert {split_of(r) for r in rows} == {split}
     assert {split_of(r) for r in world.retain} == {"test"}
     assert {split_of(r) for r in world.general} == {"test"}
+    # the same probes in valid phrasings (for tuning), same facts
+    assert {split_of(r) for r in world.retain_valid + world.general_valid} == {"valid"}
+    assert {r["fact_id"] for r in world.retain_valid} == {r["fact_id"] for r in world.retain}
+    assert {r["fact_id"] for r in world.general_valid} == {r["fact_id"] for r in world.general}
     assert {r["kind"] for r in s0["valid"]} == {"base", "general"}
 
 
@@ -187,7 +198,8 @@ def test_written_files_match_world(tmp_path: Path, world: World) -> None:
     out = write_world(world, tmp_path / "w")
     meta = verify_world(out)
     assert meta == json.loads(json.dumps(world.meta))
-    expected = {f"stage_{t:02d}/{s}.jsonl" for t in range(8) for s in SPLITS} | {"retain.jsonl", "general.jsonl"}
+    probes = {"retain.jsonl", "general.jsonl", "retain_valid.jsonl", "general_valid.jsonl"}
+    expected = {f"stage_{t:02d}/{s}.jsonl" for t in range(8) for s in SPLITS} | probes
     assert set(meta["files"]) == expected
     assert set(read_tree(out)) == expected | {"world.json"}
     for rel, digest in meta["files"].items():
