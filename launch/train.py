@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from msl_ds import distributed as D  # noqa: E402
 from msl_ds.augment import KINDS, acceptance, run_augment, training_rows  # noqa: E402
 from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
 from msl_ds.data import DataError, check_lengths, encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
+from msl_ds.datafiles import DataSource  # noqa: E402
 from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps  # noqa: E402
 from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_scores  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
@@ -57,25 +59,34 @@ class Recipe:
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self) -> None:
-        D.init(self.cfg.deepspeed.backend, self.cfg.deepspeed.timeout_s, self.cfg.deepspeed.threads_per_rank)
-        logging.basicConfig(
-            level=logging.INFO if D.is_rank0() else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
-        )
-        set_progress(self.cfg.monitor.progress)
-        self.ds_config = load_deepspeed_config(self.cfg, D.world_size())
-        split = self.cfg.data.eval_split  # only train rows and this split's phrasings are ever read
-        self.world = load_world(self.cfg.data.dir, ("train", split), split)  # validated before anything is written
-        self.stages = self.cfg.data.stages or [s for s in self.world.stages if s >= 1]
+    def check(self) -> None:
+        """Everything that needs no process group: data, model dir, tokenizer, every row's length.
+
+        Runs before the process group starts, so bad input fails in seconds (``--check`` runs only
+        this); nothing is written.
+        """
+        d = self.cfg.data
+        split = d.eval_split  # only train rows and this split's phrasings are ever read
+        self.world = load_world(d.dir, ("train", split), split, DataSource(d.format, d.columns))
+        self.stages = d.stages or [s for s in self.world.stages if s >= 1]
         missing = [s for s in self.stages if s not in self.world.stages]
         if missing:
-            raise SystemExit(f"data.stages: stages {missing} not found in {self.cfg.data.dir}")
+            raise DataError(f"data.stages: stages {missing} not found in {d.dir}")
         self.tokenizer = load_tokenizer(
             self.cfg.model.path, self.cfg.model.chat_template, self.cfg.model.trust_remote_code
         )
-        # every stage's rows and the model's positions are checked before anything is written
-        check_model_dir(self.cfg.model.path, self.cfg.data.max_seq_len)
-        check_lengths(self.world, self.tokenizer, self.cfg.data.max_seq_len, self.cfg.data.overlong)
+        check_model_dir(self.cfg.model.path, d.max_seq_len)
+        check_lengths(self.world, self.tokenizer, d.max_seq_len, d.overlong)
+
+    def setup(self) -> None:
+        logging.basicConfig(
+            level=logging.INFO if env_rank() == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+        )
+        self.check()  # bad input stops every rank here, before any collective
+        D.init(self.cfg.deepspeed.backend, self.cfg.deepspeed.timeout_s, self.cfg.deepspeed.threads_per_rank)
+        set_progress(self.cfg.monitor.progress)
+        self.ds_config = load_deepspeed_config(self.cfg, D.world_size())
+        split = self.cfg.data.eval_split
         if D.is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
             write_text(self.out / "config.yaml", dump_yaml(self.cfg))
@@ -344,18 +355,54 @@ def _num(v: Any) -> str:
     return "—" if v is None or v != v else f"{v:.3f}"
 
 
+def env_rank() -> int:
+    """This process's rank as the launcher announced it (before any process group exists)."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def check_only(recipe: Recipe) -> None:
+    """``--check``: validate config, data, model dir and tokenizer; start nothing, write nothing."""
+    t0 = time.time()
+    recipe.check()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    load_deepspeed_config(recipe.cfg, world_size)
+    w = recipe.world
+    rows = {t: len(w.split(t, "train")) for t in recipe.stages}
+    print(
+        f"msl_ds: check passed in {time.time() - t0:.1f} s: config {recipe.cfg.source} "
+        f"(method {recipe.cfg.run.method}); data {recipe.cfg.data.dir} (format {recipe.cfg.data.format}): "
+        f"stages {recipe.stages}, training rows {rows}, evaluation on '{recipe.cfg.data.eval_split}'"
+        f"{', with stage 0' if 0 in w.stages else ', no stage 0 (the base row is the model before stage ' + str(recipe.stages[0]) + ')'}; "
+        f"model {recipe.cfg.model.path} (tokenizer: {type(recipe.tokenizer).__name__}); "
+        f"DeepSpeed {recipe.cfg.deepspeed.config} for {world_size} rank(s)",
+        flush=True,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="run config YAML (see ds_configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
+    p.add_argument("--check", action="store_true", help="validate config, data, model and tokenizer; start nothing")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may stand between the overrides
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        recipe = Recipe(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_yaml(cfg), end="", flush=True)
+            return
+        recipe = Recipe(cfg)
+        if args.check:
+            check_only(recipe)
+            return
         recipe.setup()
         recipe.run()
     except (ConfigError, DataError, ModelError, CheckpointWorldSizeError) as exc:  # bad input: one clear line

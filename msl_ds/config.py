@@ -1,8 +1,12 @@
 """Typed run configuration: YAML file + ``key=value`` overrides, unknown keys rejected.
 
-Every setting lives in a dataclass below with its default; the shipped YAML files in
-``ds_configs/`` repeat each default with a one-line comment. Errors name the file, the line
-and the full dotted key, so a typo never silently falls back to a default.
+Every setting lives in a dataclass below with its default, and the defaults *are* the
+reference run (``ds_configs/run_cpu_default.yaml`` writes each one out with a one-line comment;
+a test fails when the two disagree), so a short YAML gets the reference method, not another one.
+A YAML file may start from another with ``extends: <file>`` (resolved next to it, then in
+``ds_configs/``) and change only what differs. Errors name the file, the line and the full
+dotted key (with a "did you mean" for a near miss), so a typo never silently falls back to a
+default.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class RunSection:
     name: str = "default"
     output_dir: str = "runs/default"
     seed: int = 0
-    method: Literal["sft", "replay", "msl"] = "sft"
+    method: Literal["sft", "replay", "msl"] = "msl"
     resume: bool = True
 
 
@@ -39,7 +43,8 @@ class DataSection:
     overlong: Literal["truncate", "error"] = "error"
     eval_split: Literal["test", "valid"] = "test"
     eval_limit: int | None = None
-    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    format: Literal["rows", "alpaca", "messages"] = "rows"
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,20 +65,20 @@ class DeepSpeedSection:
 
 @dataclass
 class TrainSection:
-    micro_batch_size: int = 16
+    micro_batch_size: int = 8
     grad_accum: int = 1
-    epochs: int = 1
+    epochs: int = 8
     max_steps: int = 0
-    lr: float = 1e-3
+    lr: float = 5e-4
     min_lr_ratio: float = 0.1
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 2
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0
     save_every_steps: int = 0
-    log_every_steps: int = 10
+    log_every_steps: int = 5
     group_by_length: bool = False
     on_nonfinite: Literal["error", "skip"] = "error"
 
@@ -132,7 +137,7 @@ class AugmentSection:
     background: bool = True
     rehearsal: bool = True
     reach: Literal["stage", "all"] = "all"
-    other_subjects: float = 2.0
+    other_subjects: float = 12.0
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 32
@@ -149,7 +154,7 @@ class SelectSection:
     rule: Literal["threshold", "top_q"] = "threshold"
     theta: float = 0.1
     top_q: float = 0.5
-    reference: Literal["gold", "own"] = "gold"
+    reference: Literal["gold", "own"] = "own"
     contains_gold: bool = False
     near_copy: float = 0.9
 
@@ -188,8 +193,24 @@ class SkillsSection:
 class BaseSection:
     out_dir: str = "artifacts/base_default"
     vocab_size: int = 1200
-    arch: dict[str, Any] = field(default_factory=lambda: {"model_type": "llama", "hidden_size": 192})
-    train: TrainSection = field(default_factory=TrainSection)
+    arch: dict[str, Any] = field(
+        default_factory=lambda: {
+            "model_type": "llama",
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": False,
+        }
+    )
+    train: TrainSection = field(
+        default_factory=lambda: TrainSection(
+            micro_batch_size=16, epochs=1, max_steps=1000, lr=3e-3, min_lr_ratio=0.05, warmup_steps=30,
+            save_every_steps=200, log_every_steps=50,
+        )  # fmt: skip
+    )
     skills: bool = True
     min_accuracy: float = 0.95
 
@@ -283,6 +304,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}")
         return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # run.name=2024: YAML reads a number, the field wants its text
     if tp in (int, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
@@ -297,7 +320,8 @@ def _build(cls: type, data: Any, prefix: str, locate: typing.Callable[[str], str
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"{locate(prefix + str(key))}: unknown key '{prefix}{key}'")
+            hint = did_you_mean(prefix + str(key))
+            raise ConfigError(f"{locate(prefix + str(key))}: unknown key '{prefix}{key}'{hint}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -307,6 +331,34 @@ def _build(cls: type, data: Any, prefix: str, locate: typing.Callable[[str], str
         else:
             kwargs[name] = _coerce(value, tp, f"{locate(dotted)}: {dotted}")
     return cls(**kwargs)
+
+
+def all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key a run config accepts."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += all_keys(tp, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def did_you_mean(dotted: str) -> str:
+    """`` (did you mean 'train.lr'?)`` for the closest accepted key, or ``""``."""
+    import difflib
+
+    keys = all_keys()
+    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.75)
+    if not close:  # a right name in the wrong section: match on the last part
+        leaf = dotted.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -343,26 +395,42 @@ def _merge(base: dict, extra: dict) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config file (YAML), apply ``key=value`` overrides, validate everything."""
     data: dict[str, Any] = {}
-    lines: dict[str, int] = {}
+    lines: dict[str, str] = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        data, lines = _yaml_with_lines(p.read_text(encoding="utf-8"), source)
+        source = str(path)
+        data, lines = _read_layers(Path(path), [])
     over = parse_overrides(overrides or [])
     over_keys = set(_flatten(over))
 
     def locate(dotted: str) -> str:
         if dotted in over_keys:
             return f"command line override {dotted}"
-        return f"{source}:{lines[dotted]}" if dotted in lines else source
+        return lines.get(dotted, source)
 
     cfg = _build(RunConfig, _merge(data, over), "", locate)
     cfg.source = source
     validate(cfg)
     return cfg
+
+
+def _read_layers(p: Path, chain: list[Path]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A YAML file merged over the file it ``extends`` (recursively); ``{dotted key: file:line}``."""
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found" + (f" (extended by {chain[-1]})" if chain else ""))
+    if p.resolve() in [c.resolve() for c in chain]:
+        raise ConfigError(f"{p}: 'extends' loops: {' -> '.join(map(str, [*chain, p]))}")
+    data, lines = _yaml_with_lines(p.read_text(encoding="utf-8"), str(p))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    where = {k: f"{p}:{n}" for k, n in lines.items()}
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, where
+    if not isinstance(parent, str):
+        raise ConfigError(f"{where['extends']}: 'extends' must name a YAML file")
+    base, base_where = _read_layers(resolve_path(parent, p), [*chain, p])
+    return _merge(base, data), {**base_where, **where}
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:

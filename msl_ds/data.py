@@ -8,7 +8,6 @@ anything is written.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -18,29 +17,17 @@ from typing import Any
 
 import torch
 
+from msl_ds.datafiles import ROWS, DataError, DataSource, find_file, read_records, to_row
 from msl_ds.facts import WorldState, fact_key, has_identity
 from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD
 from msl_ds.modeling import answer_ids, prompt_ids
 
 log = logging.getLogger(__name__)
 OPTIONAL_FIELDS = ("id", "fact_id", "subject", "relation", "previous_answer", "kind")
-ALIASES = {"Question": "question", "Answer": "answer"}
 STAGE_RE = re.compile(r"^stage_(\d+)$")
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, line and field."""
-
-
 # --------------------------------------------------------------------------- files
-
-
-def find_file(directory: Path, split: str) -> Path | None:
-    for ext in ("jsonl", "parquet", "json"):
-        p = directory / f"{split}.{ext}"
-        if p.is_file():
-            return p
-    return None
 
 
 def stage_dirs(root: str | Path) -> dict[int, Path]:
@@ -54,58 +41,9 @@ def stage_dirs(root: str | Path) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
-def _raw_rows_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        field = _field_with_bad_bytes(raw.split(b"\n")[line - 1])
-        raise DataError(
-            f"{path}:{line}: {field + ' ' if field else ''}not valid UTF-8 "
-            f"(byte 0x{raw[exc.start]:02x} at file offset {exc.start})"
-        ) from None
-    rows = []
-    # split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON strings
-    # may hold raw, and would shift every line number after them
-    for i, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{i}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((i, obj))
-    return rows
-
-
-def _field_with_bad_bytes(line: bytes) -> str | None:
-    """``field 'name'`` for the JSON field whose string holds the undecodable bytes, if any."""
-    try:
-        obj = json.loads(line.decode("utf-8", errors="surrogateescape"))
-    except ValueError:
-        return None
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
-                return f"field '{key}'"
-    return None
-
-
-def _load_with_datasets(path: Path) -> list[dict[str, Any]]:
-    import datasets
-
-    datasets.disable_progress_bars()
-    kind = "parquet" if path.suffix == ".parquet" else "json"
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    return ds.to_list()
-
-
-def normalise_row(obj: dict[str, Any], where: str, default_id: str) -> dict[str, Any]:
-    """Map aliases, check the required fields, keep known optional fields."""
-    row = {ALIASES.get(k, k): v for k, v in obj.items()}
+def normalise_row(obj: dict[str, Any], where: str, default_id: str, source: DataSource = ROWS) -> dict[str, Any]:
+    """Convert the user's format and columns, check the required fields, keep known optional ones."""
+    row = to_row(obj, source, where)
     for name in ("question", "answer"):
         if name not in row or row[name] is None:
             raise DataError(f"{where}: field '{name}' is missing")
@@ -124,32 +62,19 @@ def normalise_row(obj: dict[str, Any], where: str, default_id: str) -> dict[str,
     return out
 
 
-def load_rows(path: str | Path, required: bool = True) -> list[dict[str, Any]]:
-    """Validated rows of one JSONL/Parquet file, read through ``datasets``.
-
-    JSONL is first scanned line by line so that errors can name the line; ``datasets`` then does
-    the actual loading (and handles Parquet, whose rows are numbered from 1).
-    """
+def load_rows(path: str | Path, required: bool = True, source: DataSource = ROWS) -> list[dict[str, Any]]:
+    """Validated rows of one split (any kind of file ``msl_ds.datafiles`` reads)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         if required:
             raise DataError(f"{p}: file not found")
         return []
-    if p.suffix in (".jsonl", ".json"):
-        numbered = _raw_rows_jsonl(p)
-        if not numbered:
-            raise DataError(f"{p}: no rows (an empty file)")
-        loaded = _load_with_datasets(p)
-        # datasets fills absent keys with None; put back each row's own line number
-        pairs = [(ln, {k: v for k, v in row.items() if v is not None}) for (ln, _), row in zip(numbered, loaded)]
-    else:
-        loaded = _load_with_datasets(p)
-        if not loaded:
-            raise DataError(f"{p}: no rows (an empty file)")
-        pairs = [(i, row) for i, row in enumerate(loaded, start=1)]
-    stem = f"{p.parent.name}/{p.stem}"
-    rows = [normalise_row(obj, f"{p}:{ln}", f"{stem}/{ln}") for ln, obj in pairs]
-    check_ids(rows, p, [ln for ln, _ in pairs])
+    records = read_records(p)
+    if not records:
+        raise DataError(f"{p}: no rows (an empty file)")
+    stem = f"{p.parent.name}/{p.stem if p.is_file() else p.name}"
+    rows = [normalise_row(obj, where, f"{stem}/{k}", source) for k, (where, obj) in enumerate(records, start=1)]
+    check_ids(rows, p, [where.rsplit(":", 1)[-1].strip() for where, _ in records])
     keyless = sum(not has_identity(r) for r in rows)
     if keyless:
         log.warning(
@@ -160,7 +85,7 @@ def load_rows(path: str | Path, required: bool = True) -> list[dict[str, Any]]:
     return rows
 
 
-def check_ids(rows: list[dict[str, Any]], path: Path, lines: list[int] | None = None) -> None:
+def check_ids(rows: list[dict[str, Any]], path: Path, lines: list | None = None) -> None:
     """Refuse an id given twice with different answers (``lines``: each row's line number)."""
     lines = lines or list(range(1, len(rows) + 1))
     seen: dict[str, tuple[int, str]] = {}
@@ -209,11 +134,15 @@ def probe_file(root: Path, name: str, split: str) -> Path | None:
 
 
 def load_world(
-    root: str | Path, splits: tuple[str, ...] = ("train", "valid", "test"), probe_split: str = "test"
+    root: str | Path,
+    splits: tuple[str, ...] = ("train", "valid", "test"),
+    probe_split: str = "test",
+    source: DataSource = ROWS,
 ) -> World:
     """Load and validate every stage's ``splits`` and the fixed probes of ``probe_split``.
 
     Nothing else is opened: a run that evaluates on ``valid`` never reads a test phrasing.
+    ``source``: the rows' format and column names (``data.format``, ``data.columns``).
     """
     root = Path(root)
     stages: dict[int, dict[str, list[dict[str, Any]]]] = {}
@@ -224,12 +153,14 @@ def load_world(
             f = find_file(d, split)
             if f is None:
                 if split in ("train", "test") or split == probe_split:
-                    raise DataError(f"{d}: missing {split}.jsonl (or .parquet)")
+                    raise DataError(
+                        f"{d}: missing {split}.jsonl (or .json, .parquet, .csv, or a saved dataset {split}/)"
+                    )
                 continue
-            stages[idx][split] = load_rows(f)  # an empty file is refused: every stage needs rows
+            stages[idx][split] = load_rows(f, source=source)  # an empty file is refused: every stage needs rows
             files[(idx, split)] = f
     probes = {name: probe_file(root, name, probe_split) for name in ("retain", "general")}
-    loaded = {name: load_rows(f) if f else [] for name, f in probes.items()}
+    loaded = {name: load_rows(f, source=source) if f else [] for name, f in probes.items()}
     read = [*files.values(), *(f for f in probes.values() if f)]
     return World(root=root, stages=stages, retain=loaded["retain"], general=loaded["general"], files=files, read=read)
 

@@ -174,10 +174,13 @@ def stage_scores(
         for r in before:
             if r["set"] != "now":
                 sets.setdefault(r["set"], []).append(r)
+        now = [r for r in before if r["set"] == "now"]
+        if not any(n.startswith("stage_") for n in sets):  # no stage 0: the base model knows stage t's facts?
+            sets[f"stage_{t:02d}"] = now
         base = {n: accuracy(rs) for n, rs in sets.items()}
         base.update({k: v for k, v in world_metrics(sets).items() if not k.endswith("_facts")})
-        if "stage_00" in base:
-            matrix["0"] = {"0": base["stage_00"]}
+        first = min(int(n.split("_")[1]) for n in sets if n.startswith("stage_"))
+        matrix["0"] = {str(first): base[f"stage_{first:02d}"]}
     matrix[str(t)] = {str(int(n.split("_")[1])): accuracy(rs) for n, rs in results.items() if n.startswith("stage_")}
     numeric = {int(i): {int(j): v for j, v in r.items()} for i, r in matrix.items()}
     now = [r for r in before if r["set"] == "now"]

@@ -123,3 +123,44 @@ def test_deepspeed_optimizer_section_refused(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_code_defaults_are_the_reference_yaml():
+    """One source of truth: a config that sets nothing gets exactly the reference run."""
+    assert load_config(None).to_dict() == load_config(CONFIG_DIR / "run_cpu_default.yaml").to_dict()
+
+
+def test_extends_layers_a_short_overlay(tmp_path):
+    tiny = load_config(CONFIG_DIR / "run_cpu_tiny.yaml")
+    ref = load_config(CONFIG_DIR / "run_cpu_default.yaml")
+    assert tiny.train == ref.train and tiny.pbl == ref.pbl  # inherited
+    assert (tiny.run.method, tiny.data.dir, tiny.base.train.max_steps) == ("sft", "data/world_tiny", 400)
+    assert tiny.base.train.lr == ref.base.train.lr  # a nested section merges key by key
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: run_cpu_tiny.yaml\ntrain:\n  lr: 1.0e-4\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"child.yaml:4: unknown key 'train.lrr' \(did you mean 'train.lr'\?\)"):
+        load_config(child)
+    child.write_text("extends: run_cpu_tiny.yaml\ntrain:\n  lr: 1.0e-4\n")
+    cfg = load_config(child)
+    assert cfg.train.lr == 1e-4 and cfg.run.name == "tiny" and cfg.run.output_dir == "runs/tiny"
+    # an error in an extended file names that file and its line
+    (tmp_path / "parent.yaml").write_text("extends: run_cpu_default.yaml\nrun:\n  name: p\n  method: nope\n")
+    (tmp_path / "c.yaml").write_text("extends: parent.yaml\n")
+    (tmp_path / "run_cpu_default.yaml").write_text((CONFIG_DIR / "run_cpu_default.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"parent.yaml:4: run.method: 'nope' is not one of"):
+        load_config(tmp_path / "c.yaml")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="'extends' loops"):
+        load_config(loop)
+
+
+def test_did_you_mean_and_numbers_for_strings():
+    with pytest.raises(ConfigError, match=r"unknown key 'lr' \(did you mean 'train.lr'\?\)"):
+        load_config(None, ["lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"did you mean 'pbl.samples'"):
+        load_config(None, ["pbl.sample=4"])
+    assert load_config(None, ["run.name=2024"]).run.name == "2024"
+    assert load_config(None, ["data.format=alpaca", "data.columns={question: prompt}"]).data.columns == {
+        "question": "prompt"
+    }

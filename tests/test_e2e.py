@@ -243,3 +243,24 @@ def test_rank_count_changes_at_stage_boundaries(reference, tiny_world, tiny_base
     assert g["train_loss"] == pytest.approx(w["train_loss"], rel=0.05), (g["stage"], g["train_loss"])
     for k in ("new_acc", "acc", "retain"):  # the same training up to float summation order
         assert abs(g[k] - w[k]) <= 0.1, (g["stage"], k, g[k], w[k])
+
+
+def test_alpaca_data_without_stage_0_trains_like_the_reference(reference, tiny_world, tiny_base, tmp_path):
+    """Stages 1-2 as Alpaca JSON arrays, no stage_00: the run starts from model.path, its matrix's
+    base row is the model before stage 1, and every stage-level number equals the reference's
+    (same rows, same tokens, same training)."""
+    from test_formats import write_as
+
+    write_as(tiny_world, tmp_path / "alpaca", "alpaca")
+    for probe in ("retain.jsonl", "general.jsonl"):
+        shutil.copy(tiny_world / probe, tmp_path / "alpaca" / probe)
+    out = tmp_path / "run"
+    run(deepspeed_cmd("launch/train.py", *run_args(tmp_path / "alpaca", tiny_base, out, "data.format=alpaca")))
+    for t in (1, 2):
+        m = json.loads((out / f"stage_{t:02d}" / "metrics.json").read_text())
+        r = json.loads((reference / f"stage_{t:02d}" / "metrics.json").read_text())
+        for k in ("old_acc", "new_acc", "kgr", "krr", "retain", "general", "train_loss", "train_rows"):
+            assert m[k] == pytest.approx(r[k], rel=1e-5) if r[k] is not None else m[k] is None, (t, k)
+        assert "0" not in m["matrix"][str(t)]  # no stage-0 column
+    first = json.loads((out / "stage_01" / "metrics.json").read_text())
+    assert first["matrix"]["0"] == {"1": first["old_acc"]}
