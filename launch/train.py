@@ -92,7 +92,10 @@ class Recipe:
             write_text(self.out / "config.yaml", dump_yaml(self.cfg))
             write_json(self.out / "inputs.json", {"eval_split": split, "files": [str(p) for p in self.world.read]})
         D.barrier()
-        self.monitor = Monitor(self.out / "tb" / "msl", self.cfg.monitor.tensorboard)
+        m = self.cfg.monitor
+        self.monitor = Monitor(
+            self.out / "tb" / "msl", m.tensorboard, m.jsonl, m.wandb, self.cfg.run.name, self.cfg.to_dict()
+        )
         self.gen = GenConfig.from_eval(self.cfg.eval, self.cfg.run.seed)
 
     # ------------------------------------------------------------------ the stage loop

@@ -177,6 +177,8 @@ class MonitorSection:
     tensorboard: bool = True
     progress: bool = True
     accuracy_matrix_scalars: bool = True
+    jsonl: bool = True
+    wandb: str | None = None
 
 
 @dataclass
@@ -207,8 +209,14 @@ class BaseSection:
     )
     train: TrainSection = field(
         default_factory=lambda: TrainSection(
-            micro_batch_size=16, epochs=1, max_steps=1000, lr=3e-3, min_lr_ratio=0.05, warmup_steps=30,
-            save_every_steps=200, log_every_steps=50,
+            micro_batch_size=16,
+            epochs=1,
+            max_steps=1000,
+            lr=3e-3,
+            min_lr_ratio=0.05,
+            warmup_steps=30,
+            save_every_steps=200,
+            log_every_steps=50,
         )  # fmt: skip
     )
     skills: bool = True

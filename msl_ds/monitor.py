@@ -1,14 +1,20 @@
-"""What a run shows: rank-0 progress bars and TensorBoard scalars/text.
+"""What a run shows: rank-0 progress bars, TensorBoard scalars/text, a JSON Lines log, W&B.
 
 DeepSpeed's own monitor writes next to ours (``tb/deepspeed``); msl_ds writes ``tb/msl``: loss
 parts, lr, grad norm, tokens/s, per-stage metrics and the accuracy matrix (one scalar per cell
-plus a Markdown table).
+plus a Markdown table). Every scalar also goes, one line per step, to ``tb/msl/metrics.jsonl``
+(``{"step", "time", <tag>: value, ...}``; a resumed run appends, so a step logged again after a
+kill appears twice: the last line wins) and, with ``monitor.wandb`` set and ``wandb`` installed,
+to Weights & Biases.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -47,21 +53,51 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
 
 
 class Monitor:
-    """Rank-0 TensorBoard writer (a no-op elsewhere or when disabled)."""
+    """Rank-0 TensorBoard writer, ``metrics.jsonl`` and W&B (each a no-op elsewhere or when disabled)."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool = True):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        enabled: bool = True,
+        jsonl: bool = False,
+        wandb_project: str | None = None,
+        run_name: str = "",
+        config: dict[str, Any] | None = None,
+    ):
         self.writer = None
-        if enabled and _rank0():
+        self.jsonl = None
+        self.wandb = None
+        if not _rank0():
+            return
+        if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(log_dir))
+        if jsonl:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                logging.getLogger(__name__).warning(
+                    "monitor.wandb=%s but wandb is not installed (pip install 'msl_ds[wandb]'): not logging to W&B",
+                    wandb_project,
+                )
+            else:
+                self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config, dir=str(log_dir))
 
     def scalars(self, values: dict[str, Any], step: int) -> None:
-        if self.writer is None:
+        finite = {t: float(v) for t, v in values.items() if isinstance(v, (int, float)) and v == v}  # skip NaN/None
+        if not finite:
             return
-        for tag, v in values.items():
-            if isinstance(v, (int, float)) and v == v:  # skip NaN
-                self.writer.add_scalar(tag, float(v), step)
+        if self.writer is not None:
+            for tag, v in finite.items():
+                self.writer.add_scalar(tag, v, step)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **finite}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(finite, step=step)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         if self.writer is not None:
@@ -76,8 +112,16 @@ class Monitor:
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+        if self.jsonl is not None:
+            self.jsonl.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

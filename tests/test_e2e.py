@@ -140,11 +140,18 @@ def test_tensorboard_events_readable(reference):
         "stage/new_acc",
         "stage/kgr",
         "stage/retain",
+        "stage/acc_world",
+        "stage/outdated_world",
         "acc_matrix/after_02/on_02",
     ):
         assert tag in tags, (tag, sorted(tags))
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert all(math.isfinite(v) for v in losses) and len(losses) >= 3
+    # the same scalars, one JSON line per step, for scripts
+    lines = [json.loads(x) for x in (reference / "tb" / "msl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] for r in lines if "train/loss" in r] == pytest.approx(losses, rel=1e-6)
+    last = [r for r in lines if "stage/acc_world" in r][-1]
+    assert last["stage/acc_world"] == json.loads((reference / "stage_02" / "metrics.json").read_text())["acc_world"]
     ds_events = list((reference / "tb" / "deepspeed").rglob("events.out.tfevents.*"))
     assert ds_events, "DeepSpeed's own monitor wrote no events"
 
