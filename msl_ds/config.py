@@ -538,12 +538,8 @@ def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                 f"{cfg.source} sets model.dtype={cfg.model.dtype}; remove it from the DeepSpeed file or set it "
                 f'to "auto"'
             )
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(
-                f"{path}: '{key}' is set in the DeepSpeed file; msl_ds builds the optimizer and "
-                f"schedule from the run config's train section"
-            )
+    _adopt_hf_blocks(ds, cfg, path, text)
+    _fill_zero_auto(ds, _hidden_size(cfg.model.path))
     dtype = cfg.model.dtype
     ds.setdefault("bf16", {})["enabled"] = dtype == "bf16"
     ds.setdefault("fp16", {})["enabled"] = dtype == "fp16"
@@ -551,6 +547,74 @@ def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+# what an HF-style DeepSpeed file's optimizer/scheduler params mean in the run config
+OPTIMIZER_PARAMS = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
+SCHEDULER_PARAMS = {"warmup_num_steps": "warmup_steps", "warmup_max_lr": "lr"}
+
+
+def _adopt_hf_blocks(ds: dict[str, Any], cfg: RunConfig, path: Path, text: str) -> None:
+    """Accept the optimizer/scheduler blocks Hugging Face users write, when they agree with the run
+    config (every value ``"auto"`` or equal): msl_ds builds AdamW and the schedule from ``train.*``.
+    A block that fixes another value is refused with the run-config key to set instead."""
+    t = cfg.train
+    for key, kinds, params in (
+        ("optimizer", ("adam", "adamw"), OPTIMIZER_PARAMS),
+        ("scheduler", ("warmuplr", "warmupdecaylr", "warmupcosinelr"), SCHEDULER_PARAMS),
+    ):
+        block = ds.pop(key, None)
+        if block is None:
+            continue
+        where = f"{path}:{_json_line(text, key)}"
+        kind = str(block.get("type", "")).lower() if isinstance(block, dict) else ""
+        if kind not in kinds:
+            raise ConfigError(
+                f"{where}: '{key}' of type {block.get('type') if isinstance(block, dict) else block!r} is set in the "
+                f"DeepSpeed file; msl_ds builds AdamW and its schedule from the run config (train.lr, train.betas, "
+                f"train.eps, train.weight_decay, train.scheduler, train.warmup_steps): remove the block"
+            )
+        for name, value in (block.get("params") or {}).items():
+            ours = params.get(name)
+            if value == "auto" or (ours is not None and value == getattr(t, ours)):
+                continue
+            fix = f"set train.{ours}={value} in the run config and " if ours else ""
+            raise ConfigError(
+                f"{where}: '{key}.params.{name}' is {value!r} but msl_ds takes it from the run config "
+                f"({'train.' + ours + '=' + repr(getattr(t, ours)) if ours else 'not settable'}); "
+                f'{fix}write "auto" here (or remove it)'
+            )
+
+
+def _hidden_size(model_path: str) -> int | None:
+    """The model's hidden size from its ``config.json`` (None when it cannot be read)."""
+    try:
+        mc = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if isinstance(mc.get(key), int):
+            return mc[key]
+    return None
+
+
+def _fill_zero_auto(ds: dict[str, Any], hidden: int | None) -> None:
+    """ZeRO-3 sizes written ``"auto"`` get the values transformers' integration derives from the
+    hidden size (buckets h², prefetch 0.9·h², persistence 10·h); DeepSpeed's defaults without one."""
+    z = ds.get("zero_optimization")
+    if not isinstance(z, dict):
+        return
+    rules = {
+        "reduce_bucket_size": lambda h: h * h,
+        "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+        "stage3_param_persistence_threshold": lambda h: 10 * h,
+    }
+    for key, rule in rules.items():
+        if z.get(key) == "auto":
+            if hidden is None:
+                del z[key]
+            else:
+                z[key] = rule(hidden)
 
 
 def _json_line(text: str, key: str) -> int:

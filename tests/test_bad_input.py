@@ -130,7 +130,7 @@ def test_max_seq_len_beyond_model_positions(tmp_path):
 
 def test_unknown_config_key(tmp_path):
     p = write(tmp_path / "run.yaml", "run:\n  seed: 1\ntrain:\n  lr: 0.1\n  lrr: 0.2\n")
-    assert refused(ConfigError, load_config, p) == f"{p}:5: unknown key 'train.lrr'"
+    assert refused(ConfigError, load_config, p) == f"{p}:5: unknown key 'train.lrr' (did you mean 'train.lr'?)"
 
 
 def test_wrong_config_type(tmp_path):

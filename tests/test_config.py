@@ -112,11 +112,38 @@ def test_int_accepted_for_float_but_not_bool(tmp_path):
         load_config(p)
 
 
-def test_deepspeed_optimizer_section_refused(tmp_path):
+def test_deepspeed_hf_style_auto_values_filled(tmp_path):
+    """A DeepSpeed JSON as Hugging Face users write it: "auto" everywhere, optimizer and scheduler blocks."""
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    ds.write_text(json.dumps({
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}},
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto"},
+        "bf16": {"enabled": "auto"}, "gradient_clipping": "auto", "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    }))  # fmt: skip
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    cfg = load_config(CONFIG_DIR / "run_cpu_default.yaml", [f"deepspeed.config={ds}", f"model.path={model}"])
+    got = load_deepspeed_config(cfg, world_size=2)
+    assert "optimizer" not in got and "scheduler" not in got  # msl_ds builds them from train.*
+    z = got["zero_optimization"]
+    assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
+        64 * 64, int(0.9 * 64 * 64), 640,
+    )  # fmt: skip
+    assert got["train_batch_size"] == 16 and got["gradient_clipping"] == 1.0 and got["bf16"]["enabled"] is False
+
+
+def test_deepspeed_optimizer_with_its_own_values_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 2e-5}}}))
     cfg = load_config(CONFIG_DIR / "run_cpu_default.yaml", [f"deepspeed.config={ds}"])
-    with pytest.raises(ConfigError, match="optimizer"):
+    with pytest.raises(ConfigError, match=r"'optimizer.params.lr' is 2e-05 .*train.lr=0.0005.*set train.lr=2e-05"):
+        load_deepspeed_config(cfg, world_size=1)
+    ds.write_text(json.dumps({"optimizer": {"type": "Lamb"}}))
+    with pytest.raises(ConfigError, match="builds AdamW"):
         load_deepspeed_config(cfg, world_size=1)
 
 
