@@ -55,9 +55,7 @@ def init(backend: str = "auto", timeout_s: int = 1800, threads_per_rank: int = 0
         dist.init_process_group(backend, timeout=timeout, **kwargs)
         # DeepSpeed wraps the group that exists (its CPU shm all-reduce included); all of RANK,
         # WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK are set, so it does no discovery
-        _deepspeed().init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False
-        )
+        _deepspeed().init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     atexit.register(_destroy_at_exit)
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _local_world_size()

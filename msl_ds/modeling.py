@@ -159,7 +159,12 @@ def export_model(model, tokenizer, pad_token_id: int | None, out_dir: str | Path
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         config = copy.deepcopy(model.config)
         config.pad_token_id = pad_token_id
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        if not D.is_rank0():  # transformers 5 writes weights on global rank 0 only (should_save_on_this_rank)
+            model.should_save_on_this_rank = lambda is_main_process: is_main_process
+        try:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        finally:
+            model.__dict__.pop("should_save_on_this_rank", None)
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         from msl_ds.io import replace_dir

@@ -204,6 +204,7 @@ def test_rank_count_changes_at_stage_boundaries(reference, tiny_world, tiny_base
     out = tmp_path / "ranks"
     out.mkdir()
     shutil.copytree(reference / "stage_01", out / "stage_01")  # finished on 2 ranks (marker + checksums)
+    shutil.copy(reference / "fingerprint.json", out)  # 1 rank x grad_accum 2: the same global batch
     one = run_args(tiny_world, tiny_base, out, "train.grad_accum=2", "deepspeed.threads_per_rank=1")
     run(deepspeed_cmd("launch/train.py", *one, nproc=1))
     got, want = stable(out), stable(reference)
