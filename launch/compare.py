@@ -39,7 +39,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from msl_ds.config import load_config  # noqa: E402
 from msl_ds.evaluation import json_safe  # noqa: E402
+from msl_ds.fingerprint import FILE as FINGERPRINT  # noqa: E402
+from msl_ds.fingerprint import differences, fingerprint  # noqa: E402
 from msl_ds.io import read_json, write_json, write_text  # noqa: E402
 
 # msl_paper is the paper's augmentation (the stage's own facts only); msl adds self-synthesized
@@ -64,16 +67,22 @@ def free_port() -> int:
 
 
 def run_one(a: argparse.Namespace, method: str, seed: int, threads: int) -> dict[str, Any]:
-    """One ``launch/train.py`` run; skipped when a finished run with its wall time is on disk."""
+    """One ``launch/train.py`` run; skipped when a finished run with its wall time and this run's
+    fingerprint (``fingerprint.json``: config keys, data and model checksums) is on disk."""
     out = Path(a.out) / "runs" / method / f"seed{seed}"
     wall = out / "wall.json"
-    if wall.is_file() and (out / "summary.json").is_file():
-        return read_json(wall)
     args = [
         a.config, f"data.dir={a.data}", f"model.path={a.model}", f"run.output_dir={out}", f"run.seed={seed}",
         f"data.eval_split={a.split}", f"run.name={method}-seed{seed}", "monitor.progress=false",
         f"deepspeed.threads_per_rank={threads}", *METHODS[method], *a.overrides,
     ]  # fmt: skip
+    if wall.is_file() and (out / "summary.json").is_file() and (out / FINGERPRINT).is_file():
+        differs = differences(
+            read_json(out / FINGERPRINT)["keys"], fingerprint(load_config(args[0], args[1:]), a.nproc)
+        )
+        if not differs:
+            return read_json(wall)
+        raise SystemExit(f"{out}: finished with other settings ({', '.join(differs[:8])}); use another --out")
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(a.nproc), "--master_port",
         str(free_port()), str(ROOT / "launch" / "train.py"), *args,

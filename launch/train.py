@@ -31,6 +31,8 @@ from msl_ds.datafiles import DataSource  # noqa: E402
 from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps  # noqa: E402
 from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_scores  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
+from msl_ds.fingerprint import FILE as FINGERPRINT  # noqa: E402
+from msl_ds.fingerprint import check_output_dir, fingerprint, record  # noqa: E402
 from msl_ds.generation import GenConfig  # noqa: E402
 from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
 from msl_ds.kernels import LossConfig  # noqa: E402
@@ -79,24 +81,74 @@ class Recipe:
         check_lengths(self.world, self.tokenizer, d.max_seq_len, d.overlong)
 
     def setup(self) -> None:
+        D.discover()  # rank and world size from the launcher, before any process group
         logging.basicConfig(
-            level=logging.INFO if env_rank() == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+            level=logging.INFO if os.environ["RANK"] == "0" else logging.WARNING,
+            format="%(asctime)s %(name)s: %(message)s",
         )
         self.check()  # bad input stops every rank here, before any collective
         D.init(self.cfg.deepspeed.backend, self.cfg.deepspeed.timeout_s, self.cfg.deepspeed.threads_per_rank)
         set_progress(self.cfg.monitor.progress)
         self.ds_config = load_deepspeed_config(self.cfg, D.world_size())
-        split = self.cfg.data.eval_split
+        self.claim_output_dir()  # refused before anything is written when it holds another config's run
         if D.is_rank0():
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_text(self.out / "config.yaml", dump_yaml(self.cfg))
-            write_json(self.out / "inputs.json", {"eval_split": split, "files": [str(p) for p in self.world.read]})
-        D.barrier()
+            files = [str(p) for p in self.world.read]
+            write_json(self.out / "inputs.json", {"eval_split": self.cfg.data.eval_split, "files": files})
+        self.check_filesystem()
         m = self.cfg.monitor
         self.monitor = Monitor(
             self.out / "tb" / "msl", m.tensorboard, m.jsonl, m.wandb, self.cfg.run.name, self.cfg.to_dict()
         )
         self.gen = GenConfig.from_eval(self.cfg.eval, self.cfg.run.seed)
+
+    def claim_output_dir(self) -> None:
+        """Rank 0 compares run.output_dir's fingerprint with this launch's; every rank follows."""
+        fp = fingerprint(self.cfg, D.world_size()) if D.is_rank0() else None
+        decision = D.rank0_decides(check_output_dir, self.out, fp, self.cfg.run.resume)
+        if decision["error"]:
+            raise ConfigError(decision["error"])
+        if decision["warning"] and D.is_rank0():
+            log.warning("%s", decision["warning"])
+        if D.is_rank0():
+            self.out.mkdir(parents=True, exist_ok=True)
+            name = "config.yaml"
+            if not decision["fresh"] and (self.out / name).is_file():  # the first launch's record is kept
+                forced = decision["differs"] or decision["warning"]
+                name = f"config.resume-{len(list(self.out.glob('config.resume-*.yaml'))) + 1}.yaml" if forced else ""
+            if name:
+                write_text(self.out / name, dump_yaml(self.cfg))
+            write_json(self.out / FINGERPRINT, record(self.out, fp, decision, name))
+        D.barrier()
+
+    def check_filesystem(self) -> None:
+        """run.shared_fs: do all ranks see rank 0's run.output_dir? With node-local disks each node's
+        local rank 0 writes its own exports and checkpoint pointers, and DeepSpeed stores model
+        states per node; every record a rank needs comes over the process group."""
+        mode = self.cfg.run.shared_fs
+        if D.world_size() == 1:
+            return
+        seen = D.sees_rank0_files(self.out) if mode is not False else []  # auto or true: look
+        blind = [r for r, ok in enumerate(seen) if not ok]
+        if mode is True and blind:
+            raise ConfigError(
+                f"run.shared_fs=true, but ranks {blind} do not see the file rank 0 wrote in run.output_dir="
+                f"{self.out}: it is not one shared filesystem; set run.shared_fs=auto (or false) to run with "
+                f"node-local output directories, or put run.output_dir on storage every node mounts"
+            )
+        local = mode is False or bool(blind)
+        D.set_node_local(local)
+        if local:
+            self.ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
+            D.barrier()
+            if D.local_rank() == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+        why = "run.shared_fs=false" if mode is False else f"ranks {blind} do not see rank 0's token file"
+        log.info(
+            "run.shared_fs=%s: %s", mode,
+            f"node-local output directories ({why}); each node's local rank 0 writes its own copy"
+            if local else f"all {D.world_size()} ranks see rank 0's run.output_dir (one shared filesystem)",
+        )  # fmt: skip
+        D.barrier()
 
     # ------------------------------------------------------------------ the stage loop
 
@@ -104,11 +156,11 @@ class Recipe:
         done = []
         for t in self.stages:
             sdir = self.stage_dir(t)
-            if self.cfg.run.resume and marker_ok(sdir):
+            if D.rank0_decides(lambda d: bool(self.cfg.run.resume) and marker_ok(d), sdir):
                 log.info("stage %d already done: %s", t, sdir)
             else:
                 self.run_stage(t)
-            done.append(read_json(sdir / "metrics.json"))
+            done.append(D.rank0_decides(read_json, sdir / "metrics.json"))  # rank 0's record, on every rank
         if D.is_rank0() and done:
             table = markdown_table(done)
             write_text(self.out / "metrics.md", table)
@@ -186,9 +238,18 @@ class Recipe:
         earlier = [s for s in self.stages if s < t]
         if not earlier:
             return {"model": self.cfg.model.path, "matrix": {}, "global_step": 0}
-        m = read_json(self.stage_dir(earlier[-1]) / "metrics.json")
+        m = D.rank0_decides(read_json, self.stage_dir(earlier[-1]) / "metrics.json")
+        model = self.stage_dir(earlier[-1]) / "hf"
+        blind = D.missing_everywhere(model)  # every rank loads it: refuse together rather than hang
+        if blind:
+            raise ModelError(
+                f"{model}: ranks {blind} do not have stage {earlier[-1]}'s export, which stage {t} starts from "
+                f"(node-local disks that did not run stage {earlier[-1]}, see run.shared_fs); delete "
+                f"{self.stage_dir(earlier[-1]) / 'DONE.json'} on rank 0's node to redo that stage, or put "
+                f"run.output_dir on storage every node mounts"
+            )
         return {
-            "model": str(self.stage_dir(earlier[-1]) / "hf"),
+            "model": str(model),
             "matrix": m["matrix"],
             "global_step": m["global_step"],
         }
@@ -241,8 +302,8 @@ class Recipe:
         The first stage also evaluates the base model on everything (row 0 of the matrix).
         """
         path = self.stage_dir(t) / "pre_eval.jsonl"
-        if path.is_file():
-            return read_jsonl(path)
+        if D.rank0_decides(path.is_file):  # rank 0's record, on every rank
+            return D.rank0_decides(read_jsonl, path)
         sets = {"now": self._limit(self.world.split(t, self.cfg.data.eval_split))}
         if not prev["matrix"]:
             sets.update(self.eval_sets(0))
@@ -271,13 +332,13 @@ class Recipe:
     def probe(self, engine, pad, t: int) -> list[dict[str, Any]] | None:
         """π_{t-1}'s candidates, conflict labels and reference log-probs for stage t's training rows.
 
-        Stored in ``probe.jsonl`` (rank 0 writes, every rank reads), so a resumed stage reuses it:
+        Stored in ``probe.jsonl`` (rank 0 writes it and sends it to every rank), so a resumed stage reuses it:
         regenerating would need π_{t-1}, which a resumed engine no longer holds.
         """
         if not self.pbl_on():
             return None
         path = self.stage_dir(t) / "probe.jsonl"
-        if not path.is_file():
+        if not D.rank0_decides(path.is_file):
             rows = self.world.split(t, "train")
             seed = probe_seed(self.cfg.run.seed, t)
             out = probe_stage(
@@ -288,7 +349,7 @@ class Recipe:
             if D.is_rank0():
                 write_jsonl(path, out)
             D.barrier()
-        probed = read_jsonl(path)
+        probed = D.rank0_decides(read_jsonl, path)  # over the process group, not from each rank's disk
         m = probe_metrics(probed)
         log.info(
             "stage %d probe: %d known, %d conflict, %d unknown; conflict precision %.3f recall %.3f",
@@ -300,19 +361,19 @@ class Recipe:
         """π_{t-1}'s self-distilled augmentations of stage t, selected (docs/METHOD.md).
 
         Every rank generates its shard; rank 0 selects and writes ``augment.jsonl`` (every sample
-        with its provenance, scores and verdict) atomically; every rank then reads it. A resumed
+        with its provenance, scores and verdict) atomically and sends it to every rank. A resumed
         stage reuses the file.
         """
         if self.cfg.run.method != "msl" or not self.cfg.augment.enabled:
             return None
         path = self.stage_dir(t) / "augment.jsonl"
-        if not path.is_file():
+        if not D.rank0_decides(path.is_file):
             records = run_augment(engine.module, self.tokenizer, pad, self.world, t, self.cfg, self.gen)
             maybe_fault("augment", stage=t)
             if D.is_rank0():
                 write_jsonl(path, records)
             D.barrier()
-        records = read_jsonl(path)
+        records = D.rank0_decides(read_jsonl, path)  # the accepted augmentations, from rank 0
         m = acceptance(records)
         log.info(
             "stage %d augment: %d generated, %d accepted (%s)", t, m["aug_generated"], m["aug_accepted"],
@@ -356,14 +417,6 @@ class Recipe:
 
 def _num(v: Any) -> str:
     return "—" if v is None or v != v else f"{v:.3f}"
-
-
-def env_rank() -> int:
-    """This process's rank as the launcher announced it (before any process group exists)."""
-    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
 
 
 def check_only(recipe: Recipe) -> None:

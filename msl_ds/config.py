@@ -32,7 +32,8 @@ class RunSection:
     output_dir: str = "runs/default"
     seed: int = 0
     method: Literal["sft", "replay", "msl"] = "msl"
-    resume: bool = True
+    resume: bool | Literal["force"] = True
+    shared_fs: bool | Literal["auto"] = "auto"
 
 
 @dataclass

@@ -8,11 +8,13 @@ through mpi4py discovery; on a CPU box it falls back to gloo.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
 import os
-from typing import Any, Iterator
+import sys
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,32 +28,165 @@ def _deepspeed():
     return deepspeed
 
 
+DEFAULT_MASTER_PORT = 29500  # torch's and DeepSpeed's default rendezvous port
+SLURM_PORT_SPREAD = 1000  # under SLURM without MASTER_PORT: DEFAULT_MASTER_PORT + job id modulo this
+
+
 def init(backend: str = "auto", timeout_s: int = 1800, threads_per_rank: int = 0) -> None:
-    """Initialise the process group for whichever launcher started us (idempotent)."""
+    """Initialise the process group for whichever launcher started us (idempotent).
+
+    Rank, world size and local rank come from the launcher (:func:`discover`); the CUDA device is
+    bound before the process group starts and passed as ``device_id`` where torch supports it. The
+    group is destroyed at interpreter exit if :func:`shutdown` was not reached (an error path).
+    """
     if dist.is_available() and dist.is_initialized():
         return
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    single = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ
-    if single:  # plain `python launch/train.py`: a world of one
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    launcher = discover()
     _TIMEOUT["s"] = timeout_s
-    with _collective("process-group rendezvous"):
-        _deepspeed().init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=True,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            verbose=False,
-        )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs: dict[str, Any] = {}
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
-    else:
+        torch.cuda.set_device(local_rank())  # before the group: NCCL must not guess the device
+        if backend == "nccl" and world_size_env() > 1 and _device_id_supported():
+            kwargs["device_id"] = torch.device("cuda", local_rank())
+    with _collective(f"process-group rendezvous ({launcher})"):
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
+        # DeepSpeed wraps the group that exists (its CPU shm all-reduce included); all of RANK,
+        # WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK are set, so it does no discovery
+        _deepspeed().init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    atexit.register(_destroy_at_exit)
+    if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _local_world_size()
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // max(local, 1))
         torch.set_num_threads(threads)
     _unlink_shm_workspace()
+
+
+def world_size_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _device_id_supported() -> bool:
+    """``init_process_group(device_id=...)`` exists (torch >= 2.3) and does not hang (2.6.0 < torch < 2.7.1
+    do: pytorch/pytorch#153960)."""
+    import inspect
+
+    from packaging import version
+
+    if "device_id" not in inspect.signature(dist.init_process_group).parameters:
+        return False
+    v = version.parse(torch.__version__.split("+")[0])
+    return not version.parse("2.6.0") < v < version.parse("2.7.1")
+
+
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def discover() -> str:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; say from where.
+
+    In order: a launcher that sets RANK (deepspeed, torchrun); SLURM (``srun``: SLURM_PROCID,
+    SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID, the first host of the node list); MPI
+    (``mpirun``: mpi4py's COMM_WORLD, ``pip install msl_ds[mpi]``); else a world of one. A
+    MASTER_ADDR or MASTER_PORT the user set is never replaced.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        source = "environment (RANK/WORLD_SIZE)"
+    elif "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+        source = "SLURM"
+        _from_slurm(env)
+    elif any(v in env for v in MPI_RANK_VARS):
+        source = "MPI"
+        _from_mpi(env)
+    else:  # plain `python launch/train.py`: a world of one
+        source = "single process"
+        env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    return source
+
+
+def _from_slurm(env: os._Environ) -> None:
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    per_node = slurm_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")))
+    node = int(env.get("SLURM_NODEID", "0"))
+    if per_node and node < len(per_node):
+        env["LOCAL_WORLD_SIZE"] = str(per_node[node])
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in env and nodes:
+        env["MASTER_ADDR"] = first_host(nodes)
+    if "MASTER_PORT" not in env and env.get("SLURM_JOB_ID", "").isdigit():
+        env["MASTER_PORT"] = str(DEFAULT_MASTER_PORT + int(env["SLURM_JOB_ID"]) % SLURM_PORT_SPREAD)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-09,12]-ib,cpu1`` -> ``gpu07-ib``."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    head = nodelist[:end].strip()
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    inside, _, suffix = rest.partition("]")
+    return prefix + inside.split(",")[0].split("-")[0] + suffix
+
+
+def slurm_tasks_per_node(spec: str) -> list[int]:
+    """``2(x3),1`` -> ``[2, 2, 2, 1]`` (SLURM_TASKS_PER_NODE's compressed form)."""
+    out: list[int] = []
+    for part in (p for p in spec.split(",") if p.strip()):
+        count, _, times = part.partition("(x")
+        if not count.strip().isdigit():
+            return []
+        out += [int(count)] * (int(times.rstrip(")")) if times else 1)
+    return out
+
+
+def _from_mpi(env: os._Environ) -> None:
+    """Rank, size and node-local rank from mpi4py; rank 0's address as MASTER_ADDR unless given."""
+    try:
+        from mpi4py import MPI
+    except ImportError:  # Open MPI's own variables still say who we are; the address must be given
+        if "OMPI_COMM_WORLD_RANK" not in env or "MASTER_ADDR" not in env:
+            raise RuntimeError(
+                "launched under MPI but mpi4py is not installed: pip install 'msl_ds[mpi]' (or set "
+                "MASTER_ADDR, and run under Open MPI)"
+            ) from None
+        env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
+        env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_SIZE"]
+        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        env["LOCAL_WORLD_SIZE"] = env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
+        return
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    env["RANK"], env["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
+    env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] = str(node.Get_rank()), str(node.Get_size())
+    node.Free()
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = comm.bcast(_own_address() if comm.Get_rank() == 0 else None, root=0)
+
+
+def _own_address() -> str:
+    """This host's first address (``hostname -I``), else what its name resolves to."""
+    import socket
+    import subprocess
+
+    try:
+        return subprocess.check_output(["hostname", "-I"], text=True).split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return socket.gethostbyname(socket.gethostname())
 
 
 def _unlink_shm_workspace() -> None:
@@ -198,6 +333,69 @@ def gather_shards(local: list[Any]) -> list[Any]:
     return [x for part in all_gather_objects(local) for x in part]
 
 
+def rank0_decides(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` evaluated on rank 0 only, its result on every rank.
+
+    Every decision taken from files (is a stage done? is a phase's record there?) and every record
+    read back from disk goes through here, so ranks never branch on what their own disk shows:
+    on node-local disks the other nodes do not have rank 0's files, and a rank that took another
+    branch would wait out the collective timeout.
+    """
+    return broadcast_object(fn(*args) if is_rank0() else None)
+
+
+_NODE_LOCAL = {"on": False}
+
+
+def set_node_local(on: bool) -> None:
+    """Say whether ranks on different nodes see different output directories (run.shared_fs)."""
+    _NODE_LOCAL["on"] = on
+
+
+def node_local() -> bool:
+    return _NODE_LOCAL["on"]
+
+
+def is_writer() -> bool:
+    """Whether this rank writes the files every rank loads later (exports, checkpoint pointers):
+    rank 0 on a shared filesystem, each node's local rank 0 on node-local disks."""
+    return is_rank0() or (node_local() and local_rank() == 0)
+
+
+SHARED_FS_TOKEN = ".shared_fs_token"
+
+
+def sees_rank0_files(directory: str | os.PathLike) -> list[bool]:
+    """Per rank: does it see a token file rank 0 just wrote into ``directory``? (collective)
+
+    Every writer creates ``directory`` first; the token's name carries a nonce, so a stale token
+    from an earlier launch never counts.
+    """
+    import uuid
+    from pathlib import Path
+
+    d = Path(directory)
+    if local_rank() == 0:
+        d.mkdir(parents=True, exist_ok=True)
+    nonce = broadcast_object(uuid.uuid4().hex if is_rank0() else None)
+    token = d / f"{SHARED_FS_TOKEN}.{nonce}"
+    if is_rank0():
+        token.write_text(nonce)
+    barrier()
+    seen = all_gather_objects(token.is_file() and token.read_text() == nonce)
+    barrier()
+    if is_rank0():
+        token.unlink(missing_ok=True)
+    return seen
+
+
+def missing_everywhere(path: str | os.PathLike) -> list[int]:
+    """Ranks that do not see ``path`` (collective): checked before a phase that loads it on every rank."""
+    from pathlib import Path
+
+    return [r for r, ok in enumerate(all_gather_objects(Path(path).exists())) if not ok]
+
+
 # --------------------------------------------------------------------------- ZeRO / engines
 
 
@@ -261,7 +459,7 @@ def unpartitioned_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full state dict on rank 0 (empty elsewhere), gathering one parameter at a time.
+    """The full state dict on the writers (:func:`is_writer`; empty elsewhere), one parameter at a time.
 
     Gathering per parameter keeps peak memory at one full tensor beyond the partitions, so
     export works for models whose full weights would not fit next to the training state.
@@ -274,11 +472,11 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         seen[id(p)] = name
         ctx = _deepspeed().zero.GatheredParameters([p]) if is_partitioned(p) else contextlib.nullcontext()
         with ctx:
-            if is_rank0():
+            if is_writer():
                 out[name] = p.detach().to("cpu", copy=True).contiguous()
     for mod_name, mod in module.named_modules():
         for name, b in mod.named_buffers(recurse=False):
-            if is_rank0() and b is not None and name not in mod._non_persistent_buffers_set:
+            if is_writer() and b is not None and name not in mod._non_persistent_buffers_set:
                 out[f"{mod_name}.{name}" if mod_name else name] = b.detach().to("cpu", copy=True).contiguous()
     return out
 
@@ -381,6 +579,34 @@ def destroy_engine(engine) -> None:
 
 
 def shutdown() -> None:
+    """End the process group on every rank: a barrier, then DeepSpeed's and torch's teardown.
+
+    Destroying through DeepSpeed also drops the references its ``groups`` module keeps to the world
+    and data-parallel groups; otherwise those process groups (and gloo's worker threads) outlive
+    ``destroy_process_group`` and are torn down during interpreter finalization, where a rank can
+    abort with "terminate called without an active exception" (SIGABRT) after a successful run.
+    """
     if dist.is_initialized():
-        dist.barrier()
+        with _collective("shutdown barrier"):
+            dist.barrier()
+    _destroy()
+
+
+def _destroy() -> None:
+    import gc
+
+    if not dist.is_initialized():
+        return
+    comm = sys.modules.get("deepspeed.comm")
+    if comm is not None and comm.is_initialized():
+        comm.destroy_process_group()
+    if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # the groups' C++ objects (and their threads) go now, while the interpreter is whole
+
+
+def _destroy_at_exit() -> None:
+    """atexit: a rank that leaves without :func:`shutdown` (an error) still destroys its groups
+    before interpreter finalization; no barrier, so a dead peer cannot make it hang."""
+    with contextlib.suppress(Exception):
+        _destroy()

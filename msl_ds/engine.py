@@ -66,6 +66,10 @@ class Checkpoints:
         self.stage = stage
 
     def latest(self) -> dict[str, Any] | None:
+        """The pointer as rank 0 reads it, on every rank (ranks never branch on their own disk)."""
+        return D.rank0_decides(self._latest)
+
+    def _latest(self) -> dict[str, Any] | None:
         p = self.root / self.POINTER
         if not p.is_file():
             return None
@@ -78,7 +82,7 @@ class Checkpoints:
         D.save_checkpoint(engine, str(self.root), tag, {**client_state, "step": step, **shape})
         maybe_fault("checkpoint", stage=self.stage, step=step)
         D.barrier()  # every rank's shard is on disk before the pointer moves
-        if D.is_rank0():
+        if D.is_writer():  # rank 0; on node-local disks each node's local rank 0
             write_json(self.root / self.POINTER, {"tag": tag, "step": step, **shape})
             for old in self.root.iterdir():  # only now is the previous checkpoint redundant
                 if old.is_dir() and old.name.startswith("step_") and old.name != tag:

@@ -148,17 +148,23 @@ def _zero3(ds_config: dict[str, Any]) -> bool:
 def export_model(model, tokenizer, pad_token_id: int | None, out_dir: str | Path) -> None:
     """Write an HF safetensors export of ``model`` to ``out_dir`` atomically (call on all ranks).
 
-    Every rank takes part in gathering; rank 0 writes into a temporary sibling directory and
-    renames it into place, so a crash never leaves a half-written export under the final name.
+    Every rank takes part in gathering; rank 0 (on node-local disks: each node's local rank 0,
+    :func:`msl_ds.distributed.is_writer`) writes into a temporary sibling directory and renames it
+    into place, so a crash never leaves a half-written export under the final name.
     """
     out = Path(out_dir)
     state = D.full_state_dict(model)
-    if D.is_rank0():
+    if D.is_writer():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         config = copy.deepcopy(model.config)
         config.pad_token_id = pad_token_id
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        if not D.is_rank0():  # transformers 5 writes weights on global rank 0 only (should_save_on_this_rank)
+            model.should_save_on_this_rank = lambda is_main_process: is_main_process
+        try:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        finally:
+            model.__dict__.pop("should_save_on_this_rank", None)
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         from msl_ds.io import replace_dir

@@ -41,7 +41,7 @@ CORPUS = {f"word{i}" for i in range(300)}
 
 
 def verdicts(records, **sel):
-    select(records, dataclasses.replace(SelectSection(), **sel), corpus=CORPUS)
+    select(records, dataclasses.replace(SelectSection(reference="gold"), **sel), corpus=CORPUS)  # the paper's rule
     return [(r["accepted"], r["reason"]) for r in records]
 
 
@@ -164,7 +164,7 @@ def test_training_rows_carry_kind_weights_and_acceptance_counts():
         q("paraphrase", X, "Who is the mayor of Felstesbo?", y_hat="Grergra"),
         rehearsal("headquarters of Felstesbo: Pumu.", golds=["Pumu"]),
     ]
-    select(recs, SelectSection(), corpus=CORPUS)
+    select(recs, SelectSection(reference="gold"), corpus=CORPUS)
     for i, r in enumerate(recs):
         r["id"] = f"aug/{i}"
     aug = AugmentSection()

@@ -77,3 +77,6 @@ def test_compare_tiny_mode(tiny_world, tiny_base, tmp_path):
     walls = {p: p.read_text() for p in out.glob("runs/*/*/wall.json")}
     run(cmd, timeout=300)
     assert {p: p.read_text() for p in out.glob("runs/*/*/wall.json")} == walls
+    # finished runs are keyed by their fingerprint: other settings are refused, naming the key
+    proc = run([*cmd, "train.lr=0.002"], timeout=300, check=False)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr, proc.stderr[-2000:]

@@ -183,12 +183,12 @@ def test_mpirun_launch_matches(reference, tiny_world, tiny_base, tmp_path):
 
 
 def test_two_localhost_nodes_match(reference, tiny_world, tiny_base, tmp_path):
-    """DeepSpeed's multi-node launch without ssh: one launcher per node, each with its --node_rank."""
+    """DeepSpeed's multi-node launch without ssh: one launcher per node, each with its --node_rank,
+    and each node with its own output directory (as node-local disks would be)."""
     import subprocess
 
     from conftest import launch_env
 
-    out = tmp_path / "nodes"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
@@ -206,7 +206,7 @@ def test_two_localhost_nodes_match(reference, tiny_world, tiny_base, tmp_path):
             "--master_port",
             port,
             "launch/train.py",
-            *run_args(tiny_world, tiny_base, out),
+            *run_args(tiny_world, tiny_base, tmp_path / f"node{node}"),
         ]
         procs.append(
             subprocess.Popen(
@@ -216,7 +216,20 @@ def test_two_localhost_nodes_match(reference, tiny_world, tiny_base, tmp_path):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, o in zip(procs, outputs):
         assert p.returncode == 0, o[-5000:]
-    assert_same_metrics(stable(reference), stable(out), 2)
+    assert "run.shared_fs=auto: node-local output directories" in outputs[0], outputs[0][-3000:]
+    assert_same_metrics(stable(reference), stable(tmp_path / "node0"), 2)
+    assert (tmp_path / "node1" / "stage_01" / "hf" / "model.safetensors").is_file()  # node 1's own copy of π_1
+
+
+def test_resume_with_another_method_is_refused(reference, tiny_world, tiny_base):
+    """The reference run's directory, relaunched with run.method=msl: refused before anything is
+    written, naming the key; config.yaml keeps the first launch's config."""
+    before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
+    proc = run(deepspeed_cmd("launch/train.py", *run_args(tiny_world, tiny_base, reference, "run.method=msl")),
+               check=False, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "run.method" in proc.stderr and "run.resume=force" in proc.stderr, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
 
 
 def test_replay_trains_on_earlier_rows(reference, tiny_world, tiny_base, tmp_path):
@@ -240,6 +253,7 @@ def test_rank_count_changes_at_stage_boundaries(reference, tiny_world, tiny_base
     out = tmp_path / "ranks"
     out.mkdir()
     shutil.copytree(reference / "stage_01", out / "stage_01")  # finished on 2 ranks (marker + checksums)
+    shutil.copy(reference / "fingerprint.json", out)  # 1 rank x grad_accum 2: the same global batch
     one = run_args(tiny_world, tiny_base, out, "train.grad_accum=2", "deepspeed.threads_per_rank=1")
     run(deepspeed_cmd("launch/train.py", *one, nproc=1))
     got, want = stable(out), stable(reference)

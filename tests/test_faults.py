@@ -33,6 +33,7 @@ def test_every_kill_point_resumes_to_the_uninterrupted_metrics(msl_run, tiny_wor
     out = tmp_path / "faults"
     out.mkdir()
     shutil.copytree(msl_run / "stage_01", out / "stage_01")  # stage 1 finished (marker + checksums)
+    shutil.copy(msl_run / "fingerprint.json", out)  # the same settings: the finished stage is trusted
     cmd = deepspeed_cmd("launch/train.py", *msl_args(tiny_world, tiny_base, out))
     plan_steps = json.loads((msl_run / "stage_02" / "metrics.json").read_text())["train_steps"]
     survived = []

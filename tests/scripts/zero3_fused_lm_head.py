@@ -59,9 +59,13 @@ def launch() -> int:
 
 
 def worker() -> int:
+    from msl_ds import distributed as D
+
+    D.init("gloo", threads_per_rank=1)  # the library's start and end: the process group is destroyed
     ok = True
     for build in ("zero_init", "plain"):
         ok = run_case(build) and ok
+    D.shutdown()  # before interpreter finalization (an abort at exit would fail a passing check)
     return 0 if ok else 1
 
 
@@ -76,8 +80,6 @@ def run_case(build: str) -> bool:
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
 
     cfg_loss = LossConfig(sft=1.0, pp=0.5, np=0.5, pbl_form="sigmoid", dpo=0.3)
 
