@@ -25,7 +25,7 @@ from msl_ds.config import load_config, load_deepspeed_config  # noqa: E402
 from msl_ds.data import encode_rows, load_world, stage_plan  # noqa: E402
 from msl_ds.engine import Checkpoints, build_engine  # noqa: E402
 from msl_ds.evaluation import accuracy, evaluate_sets  # noqa: E402
-from msl_ds.generation import GenConfig  # noqa: E402
+from msl_ds.generation import GenConfig, release_generation_copy  # noqa: E402
 from msl_ds.io import marker_ok, read_json, write_json, write_marker  # noqa: E402
 from msl_ds.modeling import build_tokenizer, export_model, init_model_dir, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = {"stage_00": world.split(0, cfg.data.eval_split), "general": world.general}
     sets = {k: v for k, v in sets.items() if v}
     results = evaluate_sets(engine.module, tokenizer, pad, sets, gen, "base eval")
+    release_generation_copy()
     export_model(engine.module, tokenizer, pad, out)
     D.destroy_engine(engine)
     monitor.close()

@@ -29,7 +29,7 @@ from msl_ds.data import DataError, check_lengths, encode_rows, load_world, repla
 from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps  # noqa: E402
 from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, outdated_share, transfer  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
-from msl_ds.generation import GenConfig  # noqa: E402
+from msl_ds.generation import GenConfig, release_generation_copy, take_unfinished  # noqa: E402
 from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
 from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402
@@ -120,6 +120,7 @@ class Recipe:
         if augmented is not None:
             rows = training_rows(augmented, self.cfg.augment)
             examples += encode_rows(self.tokenizer, rows, self.cfg.data.max_seq_len, "truncate", f"{sdir}/augment")
+        release_generation_copy()  # training changes the weights: the copy the phases generated with goes
         plan = stage_plan(examples, self.cfg.train, D.world_size(), self.cfg.run.seed * 1000 + t)
         set_total_steps(engine, self.cfg.train, len(plan))
         client = ckpts.load(engine) if self.cfg.run.resume else None
@@ -143,6 +144,8 @@ class Recipe:
         export_model(engine.module, self.tokenizer, pad, sdir / "hf")
         maybe_fault("eval", stage=t)
         results = evaluate_sets(engine.module, self.tokenizer, pad, self.eval_sets(t), self.gen, f"stage {t} eval")
+        release_generation_copy()
+        stats = {**stats, **take_unfinished()}  # unfinished_<phase>: share of generations that hit the length cap
         D.destroy_engine(engine)
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}

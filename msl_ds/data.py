@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from msl_ds.chat import TemplateError, encode_turn
 from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD
-from msl_ds.modeling import answer_ids, prompt_ids
 
 OPTIONAL_FIELDS = ("id", "subject", "relation", "previous_answer", "kind")
 ALIASES = {"Question": "question", "Answer": "answer"}
@@ -250,16 +250,22 @@ class Example:
 
 
 def encode_example(tokenizer, row: dict[str, Any], max_len: int, overlong: str, where: str) -> Example:
-    p = prompt_ids(tokenizer, row["question"])
-    a = answer_ids(tokenizer, row["answer"])
-    if len(p) + len(a) > max_len:
-        if overlong == "error" or len(a) >= max_len - 1:
+    """A row as the model's chat template renders it (:func:`msl_ds.chat.encode_turn`), loss on the
+    assistant's turn only; ``overlong=truncate`` cuts the prompt after its first token."""
+    try:
+        ids, start, stop = encode_turn(tokenizer, row["question"], row["answer"])
+    except TemplateError as exc:
+        raise DataError(f"{where}: row {row['id']!r}: {exc}") from None
+    labels = [-100] * start + ids[start:stop] + [-100] * (len(ids) - stop)
+    if len(ids) > max_len:
+        cut = len(ids) - max_len
+        if overlong == "error" or cut > start - 1:
             raise DataError(
-                f"{where}: row {row['id']!r} is {len(p) + len(a)} tokens, longer than data.max_seq_len="
+                f"{where}: row {row['id']!r} is {len(ids)} tokens, longer than data.max_seq_len="
                 f"{max_len} (set data.overlong=truncate to cut the prompt from the left)"
             )
-        p = p[:1] + p[len(p) + len(a) - max_len + 1 :]  # keep bos, cut the prompt's start
-    return Example(input_ids=p + a, labels=[-100] * len(p) + a, row=row, weight=float(row.get("weight", 1.0)))
+        ids, labels = ids[:1] + ids[1 + cut :], labels[:1] + labels[1 + cut :]  # keep bos, cut the prompt's start
+    return Example(input_ids=ids, labels=labels, row=row, weight=float(row.get("weight", 1.0)))
 
 
 def encode_rows(tokenizer, rows: list[dict[str, Any]], max_len: int, overlong: str, where: str) -> list[Example]:

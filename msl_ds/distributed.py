@@ -234,29 +234,48 @@ def gathered_params(module: torch.nn.Module, modifier_rank: int | None = None) -
 
 
 def unpartitioned_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A plain copy of a ZeRO-3 partitioned Hugging Face model with full weights on this rank.
+    """A plain, hook-free copy of a ZeRO-3 partitioned Hugging Face model with full weights on this rank.
 
     Generating through the engine's own module is unsafe when ranks run different numbers of
     forward passes: ZeRO-3's hooks release and re-fetch parameters even inside
     ``GatheredParameters`` (seen with DeepSpeed 0.19.8: gloo "collective mismatch" on uneven
     shards). A hook-free copy lets every rank generate its own shard independently.
+
+    The copy is the trained model exactly: built on the meta device (no initialisation, no
+    memory), each parameter gathered in turn and copied in its training dtype (tied parameters
+    stay tied), every buffer copied in the dtype the engine keeps it (RoPE's ``inv_freq`` stays
+    fp32 under bf16). Peak memory beyond the copy itself: one gathered parameter.
     """
     import copy
 
-    dtype = next(module.parameters()).dtype
-    with torch.device(device()):
-        clone = type(module)(copy.deepcopy(module.config)).to(dtype)
-    state: dict[str, torch.Tensor] = {}
+    dev = device()
+    with torch.device("meta"):
+        clone = type(module)(copy.deepcopy(module.config))
+    sites: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # a meta parameter -> where it sits (ties)
+    for mod in clone.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                sites.setdefault(id(p), []).append((mod, attr))
+    targets = dict(clone.named_parameters())
+    filled: set[int] = set()
     for name, p in module.named_parameters():
+        if name not in targets:
+            raise RuntimeError(f"unpartitioned copy: the engine's parameter {name} has no place in the copy")
         ctx = _deepspeed().zero.GatheredParameters([p]) if is_partitioned(p) else contextlib.nullcontext()
         with ctx:
-            state[name] = p.detach().clone()
-    missing, unexpected = clone.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(clone.config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(
-            f"unpartitioned copy: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
-        )
+            full = torch.nn.Parameter(p.detach().to(dev, copy=True), requires_grad=False)
+        for mod, attr in sites[id(targets[name])]:
+            mod._parameters[attr] = full
+        filled.add(id(targets[name]))
+    source = dict(module.named_buffers())
+    for name, _ in list(clone.named_buffers()):
+        if name not in source:
+            raise RuntimeError(f"unpartitioned copy: the engine has no buffer {name}")
+        owner, _, attr = name.rpartition(".")
+        clone.get_submodule(owner)._buffers[attr] = source[name].detach().to(dev, copy=True)
+    missing = sorted(n for n, p in targets.items() if id(p) not in filled)
+    if missing:
+        raise RuntimeError(f"unpartitioned copy: parameters {missing} were not in the engine's module")
     return clone.eval()
 
 

@@ -13,7 +13,8 @@ from conftest import REPO, TINY_CONFIG, run
 
 from msl_ds.config import CONFIG_DIR, ConfigError, load_config, load_deepspeed_config
 from msl_ds.data import DataError, check_lengths, encode_example, load_rows, load_world
-from msl_ds.modeling import ModelError, answer_ids, build_tokenizer, check_model_dir, load_tokenizer
+from msl_ds.chat import answer_ids
+from msl_ds.modeling import ModelError, build_tokenizer, check_model_dir, load_tokenizer
 
 GOOD = '{"question": "Who leads Acme?", "answer": "Ann"}\n'
 
@@ -115,7 +116,8 @@ def test_sequence_longer_than_max_seq_len(tmp_path, tok):
     assert msg.startswith(f"{train} id=long: row 'long' is ") and "longer than data.max_seq_len=64" in msg
     ex = encode_example(tok, row, 64, "truncate", "f")
     assert len(ex.input_ids) == 64 and ex.input_ids[0] == tok.bos_token_id
-    assert ex.labels[-len(answer_ids(tok, "Kalin Marr")) :] == answer_ids(tok, "Kalin Marr")
+    answer = [*answer_ids(tok, "Kalin Marr"), tok.eos_token_id]  # the toy template ends a turn with eos
+    assert ex.labels[-len(answer) :] == answer
 
 
 def test_max_seq_len_beyond_model_positions(tmp_path):
