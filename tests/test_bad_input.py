@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_CONFIG, run
 
+from msl_ds.chat import answer_ids
 from msl_ds.config import CONFIG_DIR, ConfigError, load_config, load_deepspeed_config
 from msl_ds.data import DataError, check_lengths, encode_example, load_rows, load_world
-from msl_ds.chat import answer_ids
 from msl_ds.modeling import ModelError, build_tokenizer, check_model_dir, load_tokenizer
 
 GOOD = '{"question": "Who leads Acme?", "answer": "Ann"}\n'

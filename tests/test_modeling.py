@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from msl_ds.data import encode_example
 from msl_ds.chat import answer_ids, end_of_turn_id
+from msl_ds.data import encode_example
 from msl_ds.modeling import ModelError, build_tokenizer, load_tokenizer, prompt_ids
 
 TEXTS = [
