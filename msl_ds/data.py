@@ -330,10 +330,11 @@ def micro_batches(global_batch: list[int], micro: int, accum: int, world: int, r
     return [global_batch[(k * world + rank) * micro : (k * world + rank + 1) * micro] for k in range(accum)]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_id: int | None) -> dict[str, torch.Tensor]:
     """Right-padded tensors; labels are already shifted to the next-token targets."""
     T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    # a checkpoint may set no pad id (Llama-3): padded positions are masked and unscored, any id does
+    ids = torch.full((len(examples), T), 0 if pad_id is None else pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
     attn = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):

@@ -223,10 +223,10 @@ def _count_unfinished(desc: str, outputs: list[dict[str, Any]], cfg: GenConfig) 
     share = unfinished / len(outputs)
     if share > cfg.max_unfinished and D.is_rank0():
         log.warning(
-            "%s: %.0f%% of %d generations (%d) hit max_new_tokens=%d without an end token, more than "
+            "%s: %d of %d generations (%.0f%%) hit max_new_tokens=%d without an end token, more than "
             "eval.max_unfinished=%.2f: the model may not end its turns with the tokens msl_ds stops on "
             "(check model.chat_template and the checkpoint's generation_config.eos_token_id), or the cap is low",
-            desc, 100 * share, len(outputs), unfinished, cfg.max_unfinished, cfg.max_new_tokens,
+            desc, unfinished, len(outputs), 100 * share, cfg.max_new_tokens, cfg.max_unfinished,
         )  # fmt: skip
 
 
@@ -236,7 +236,7 @@ def _count_unfinished(desc: str, outputs: list[dict[str, Any]], cfg: GenConfig) 
 def generate(
     model, tokenizer, pad_id: int | None, questions: list[str], cfg: GenConfig, desc: str = "generate"
 ) -> list[dict[str, Any]]:
-    """Answer every question; returns ``[{"text", "finished"}]`` in question order on every rank.
+    """Answer every question; returns ``[{"text", "finished", "ids"}]`` in question order on every rank.
 
     A batch is seeded with ``cfg.seed`` plus the index of its first question, so with
     ``do_sample`` the output is a function of (seed, question list) alone. An answer is finished
@@ -274,9 +274,9 @@ def generate(
 
 
 def _decode(tokenizer, toks: list[int], stops: set[int], pad: int) -> dict[str, Any]:
+    """``text`` up to the first end token, whether there was one, and the generated ``ids`` through it."""
     end = next((k for k, t in enumerate(toks) if t in stops), None)
     finished = end is not None
-    if finished:
-        toks = toks[:end]
-    toks = [t for t in toks if t != pad]
-    return {"text": tokenizer.decode(toks, skip_special_tokens=True).strip(), "finished": finished}
+    ids = toks[: end + 1] if finished else toks
+    text = [t for t in (toks[:end] if finished else toks) if t != pad]
+    return {"text": tokenizer.decode(text, skip_special_tokens=True).strip(), "finished": finished, "ids": ids}
