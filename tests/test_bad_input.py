@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_CONFIG, run
+from conftest import REPO, TINY_CONFIG, deepspeed_cmd, run
 
 from msl_ds.chat import answer_ids
 from msl_ds.config import CONFIG_DIR, ConfigError, load_config, load_deepspeed_config
@@ -195,4 +195,26 @@ def test_run_failing_validation_writes_nothing(tmp_path):
     proc = run(cmd, timeout=300, check=False)
     assert proc.returncode != 0
     assert f"{bad}:2: field 'answer' is missing" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_model_without_chat_template_refused_before_training(tmp_path, tok):
+    """model.path at a tokenizer without a chat template: every rank refuses at setup, naming the
+    missing template and model.chat_template, before anything is written or trained."""
+    for split in ("train", "test"):
+        for stage in ("stage_00", "stage_01"):
+            write(tmp_path / "world" / stage / f"{split}.jsonl", GOOD)
+    model = tmp_path / "bare_model"
+    tok.save_pretrained(str(model))
+    for f in model.glob("chat_template*"):
+        f.unlink()
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"chat_template"', '"unused_template"'))
+    write(model / "config.json", '{"model_type": "llama", "max_position_embeddings": 128}')
+    out = tmp_path / "out"
+    args = [str(TINY_CONFIG), f"data.dir={tmp_path / 'world'}", f"run.output_dir={out}", f"model.path={model}"]
+    proc = run(deepspeed_cmd("launch/train.py", *args), timeout=300, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"msl_ds: error: model.path: the tokenizer in {model} has no chat template") == 2
+    assert "Set model.chat_template to a Jinja template" in proc.stderr
     assert not out.exists()
