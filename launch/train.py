@@ -29,7 +29,7 @@ from msl_ds.data import DataError, check_lengths, encode_rows, load_world, repla
 from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps  # noqa: E402
 from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, outdated_share, transfer  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
-from msl_ds.generation import GenConfig, release_generation_copy, take_unfinished  # noqa: E402
+from msl_ds.generation import GenConfig, release_generation_copy, take_unfinished, track_unfinished  # noqa: E402
 from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
 from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402
@@ -105,6 +105,7 @@ class Recipe:
         t0 = time.time()
         prev = self.previous(t)
         sdir = self.stage_dir(t)
+        track_unfinished(sdir / "unfinished.json")  # generations that hit the length cap, per phase
         examples = self.training_examples(t)  # validated before the engine is built
         ckpts = Checkpoints(sdir / "ckpt", t)
         if self.cfg.run.resume:

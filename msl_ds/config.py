@@ -189,6 +189,7 @@ class SkillsSection:
 @dataclass
 class BaseSection:
     out_dir: str = "artifacts/base_default"
+    init: str | None = None
     vocab_size: int = 1200
     arch: dict[str, Any] = field(default_factory=lambda: {"model_type": "llama", "hidden_size": 192})
     train: TrainSection = field(default_factory=TrainSection)

@@ -15,12 +15,14 @@ import logging
 import re
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from msl_ds import distributed as D
 from msl_ds.chat import end_of_turn_id, prompt_ids
+from msl_ds.io import read_json, write_json
 from msl_ds.monitor import progress
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,7 @@ def release_generation_copy() -> None:
 # --------------------------------------------------------------------------- unfinished generations
 
 _UNFINISHED: dict[str, list[int]] = {}  # phase -> [unfinished, generated] since the last take
+_TRACK: dict[str, Path] = {}  # "path": where rank 0 keeps the stage's counts (a resumed stage reads them)
 
 
 def phase_key(desc: str) -> str:
@@ -202,14 +205,27 @@ def phase_key(desc: str) -> str:
     return re.sub(r"\W+", "_", re.sub(r"^stage \d+ ", "", desc).lower()).strip("_")
 
 
+def track_unfinished(path: str | Path) -> None:
+    """Count this stage's unfinished generations from here on, kept in ``path`` as they come.
+
+    A phase counts once (its last run), so a resumed stage that reads a phase's output instead of
+    generating it again reports the same shares as an uninterrupted one.
+    """
+    _UNFINISHED.clear()
+    _TRACK["path"] = Path(path)
+    if Path(path).is_file():
+        _UNFINISHED.update(read_json(path))
+
+
 def take_unfinished() -> dict[str, float]:
     """``{"unfinished_<phase>": share}`` of every phase since the last call (then forgotten), plus
     ``unfinished``: the share over all of them. The same on every rank."""
-    out = {f"unfinished_{k}": u / n for k, (u, n) in _UNFINISHED.items() if n}
+    out = {f"unfinished_{k}": u / n for k, (u, n) in sorted(_UNFINISHED.items()) if n}
     total = [sum(v[i] for v in _UNFINISHED.values()) for i in (0, 1)]
     if total[1]:
         out["unfinished"] = total[0] / total[1]
     _UNFINISHED.clear()
+    _TRACK.clear()
     return out
 
 
@@ -217,9 +233,9 @@ def _count_unfinished(desc: str, outputs: list[dict[str, Any]], cfg: GenConfig) 
     if not outputs:
         return
     unfinished = sum(not o["finished"] for o in outputs)
-    tally = _UNFINISHED.setdefault(phase_key(desc), [0, 0])
-    tally[0] += unfinished
-    tally[1] += len(outputs)
+    _UNFINISHED[phase_key(desc)] = [unfinished, len(outputs)]
+    if "path" in _TRACK and D.is_rank0():
+        write_json(_TRACK["path"], _UNFINISHED)
     share = unfinished / len(outputs)
     if share > cfg.max_unfinished and D.is_rank0():
         log.warning(
