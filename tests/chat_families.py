@@ -145,14 +145,17 @@ def build_tokenizer(name: str, texts: list[str], out_dir: str | Path, vocab_size
     return tok
 
 
-def build_model_dir(name: str, texts: list[str], out_dir: str | Path, seed: int = 0) -> Path:
-    """Tokenizer + randomly initialised tiny model of the family, with its ``generation_config``."""
+def build_model_dir(
+    name: str, texts: list[str], out_dir: str | Path, seed: int = 0, vocab_size: int = 400, **arch
+) -> Path:
+    """Tokenizer + randomly initialised tiny model of the family (``arch`` overrides its sizes),
+    with its ``generation_config``."""
     from msl_ds.modeling import init_model_dir
 
     spec = FAMILIES[name]
     out = Path(out_dir)
-    tok = build_tokenizer(name, texts, out)
-    init_model_dir(spec["arch"], tok, out, seed=seed)
+    tok = build_tokenizer(name, texts, out, vocab_size)
+    init_model_dir({**spec["arch"], **arch}, tok, out, seed=seed)
     eos = [tok.convert_tokens_to_ids(t) for t in spec["generation_eos"]]
     gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0]}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
