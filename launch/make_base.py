@@ -6,7 +6,9 @@ Trains a SentencePiece tokenizer on the world's text, writes a randomly initiali
 ``base.arch``, trains it under the same ZeRO-3 engine as the stages on stage 0's training data
 plus the instruction skills derived from it (paraphrase, background, expansion), and exports it
 to ``base.out_dir`` with its accuracy on stage 0's held-out phrasings and on the general probe.
-Works for any world that follows DESIGN.md §4. Cached: a finished build is not redone.
+Works for any world that follows DESIGN.md §4. Cached: a finished build is not redone. With
+``base.init`` it starts from that model directory instead (its tokenizer, chat template and
+``generation_config`` end tokens are kept): how the tests build Llama-3/Qwen2/Gemma-style bases.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from msl_ds.config import load_config, load_deepspeed_config  # noqa: E402
 from msl_ds.data import encode_rows, load_world, stage_plan  # noqa: E402
 from msl_ds.engine import Checkpoints, build_engine  # noqa: E402
 from msl_ds.evaluation import accuracy, evaluate_sets  # noqa: E402
-from msl_ds.generation import GenConfig  # noqa: E402
+from msl_ds.generation import GenConfig, release_generation_copy  # noqa: E402
 from msl_ds.io import marker_ok, read_json, write_json, write_marker  # noqa: E402
-from msl_ds.modeling import build_tokenizer, export_model, init_model_dir, load_tokenizer  # noqa: E402
+from msl_ds.modeling import build_tokenizer, check_model_dir, export_model, init_model_dir, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
 from msl_ds.skills import skill_rows  # noqa: E402
 from msl_ds.trainer import StageTrainer, rng_state, set_rng_state  # noqa: E402
@@ -62,8 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     world = load_world(cfg.data.dir)
     build = out.with_name(out.name + ".build")
-    init_dir = build / "init"
-    if D.is_rank0() and not (init_dir / "config.json").is_file():
+    init_dir = Path(cfg.base.init) if cfg.base.init else build / "init"  # base.init: a model of one's own
+    if cfg.base.init:
+        check_model_dir(init_dir, cfg.data.max_seq_len)
+    elif D.is_rank0() and not (init_dir / "config.json").is_file():
         tok = build_tokenizer(
             world_texts(world) + skill_templates(cfg), build / "tokenizer", cfg.base.vocab_size, cfg.run.seed
         )
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         init_model_dir(cfg.base.arch, tok, tmp, cfg.run.seed)
         tmp.rename(init_dir)
     D.barrier()
-    tokenizer = load_tokenizer(init_dir)
+    tokenizer = load_tokenizer(init_dir, cfg.model.chat_template, cfg.model.trust_remote_code)
 
     rows = list(world.split(0, "train"))
     if cfg.base.skills:
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = {"stage_00": world.split(0, cfg.data.eval_split), "general": world.general}
     sets = {k: v for k, v in sets.items() if v}
     results = evaluate_sets(engine.module, tokenizer, pad, sets, gen, "base eval")
+    release_generation_copy()
     export_model(engine.module, tokenizer, pad, out)
     D.destroy_engine(engine)
     monitor.close()

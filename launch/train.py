@@ -33,7 +33,7 @@ from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_sc
 from msl_ds.fault import maybe_fault  # noqa: E402
 from msl_ds.fingerprint import FILE as FINGERPRINT  # noqa: E402
 from msl_ds.fingerprint import check_output_dir, fingerprint, record  # noqa: E402
-from msl_ds.generation import GenConfig  # noqa: E402
+from msl_ds.generation import GenConfig, release_generation_copy, take_unfinished, track_unfinished  # noqa: E402
 from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
 from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402
@@ -173,6 +173,7 @@ class Recipe:
         t0 = time.time()
         prev = self.previous(t)
         sdir = self.stage_dir(t)
+        track_unfinished(sdir / "unfinished.json")  # generations that hit the length cap, per phase
         examples = self.training_examples(t)  # validated before the engine is built
         ckpts = Checkpoints(sdir / "ckpt", t)
         if self.cfg.run.resume:
@@ -188,6 +189,7 @@ class Recipe:
         if augmented is not None:
             rows = training_rows(augmented, self.cfg.augment)
             examples += encode_rows(self.tokenizer, rows, self.cfg.data.max_seq_len, "truncate", f"{sdir}/augment")
+        release_generation_copy()  # training changes the weights: the copy the phases generated with goes
         plan = stage_plan(examples, self.cfg.train, D.world_size(), self.cfg.run.seed * 1000 + t)
         set_total_steps(engine, self.cfg.train, len(plan))
         client = ckpts.load(engine) if self.cfg.run.resume else None
@@ -215,6 +217,8 @@ class Recipe:
         results = evaluate_sets(
             engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} eval", dict.fromkeys(sets, now)
         )
+        release_generation_copy()
+        stats = {**stats, **take_unfinished()}  # unfinished_<phase>: share of generations that hit the length cap
         D.destroy_engine(engine)
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
@@ -395,7 +399,7 @@ class Recipe:
         step = m["global_step"]
         keys = (
             "acc_world", "outdated_world", "old_acc", "new_acc", "kgr", "krr", "acc", "bwt", "retain", "general",
-            "outdated", "eval_unfinished",
+            "outdated",
         )  # fmt: skip
         self.monitor.scalars({f"stage/{k}": m[k] for k in keys}, step)
         self.monitor.scalars({f"probe/{k.removeprefix('probe_')}": v for k, v in m.items() if k in PROBE_KEYS}, step)

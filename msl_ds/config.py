@@ -167,6 +167,8 @@ class EvalSection:
     do_sample: bool = False
     temperature: float = 0.8
     top_p: float = 0.95
+    top_k: int = 0
+    max_unfinished: float = 0.2
     generation: Literal["auto", "gathered", "synced"] = "auto"
     gather_max_gib: float = 8.0
     retain: bool = True
@@ -195,6 +197,7 @@ class SkillsSection:
 @dataclass
 class BaseSection:
     out_dir: str = "artifacts/base_default"
+    init: str | None = None
     vocab_size: int = 1200
     arch: dict[str, Any] = field(
         default_factory=lambda: {
@@ -465,6 +468,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.source}: data.max_seq_len must be >= 4")
     if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1:
         raise ConfigError(f"{cfg.source}: eval.batch_size and eval.max_new_tokens must be >= 1")
+    if cfg.eval.top_k < 0 or not 0.0 <= cfg.eval.max_unfinished <= 1.0:
+        raise ConfigError(f"{cfg.source}: eval.top_k must be >= 0 and eval.max_unfinished in [0, 1]")
     b = cfg.pbl
     if b.samples < 1 or b.batch_size < 1 or b.max_new_tokens < 1:
         raise ConfigError(f"{cfg.source}: pbl.samples, pbl.batch_size and pbl.max_new_tokens must be >= 1")

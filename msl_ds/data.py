@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from msl_ds.chat import TemplateError, encode_turn
 from msl_ds.datafiles import ROWS, DataError, DataSource, find_file, read_records, to_row
 from msl_ds.facts import WorldState, fact_key, has_identity
 from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD
-from msl_ds.modeling import answer_ids, prompt_ids
 
 log = logging.getLogger(__name__)
 OPTIONAL_FIELDS = ("id", "fact_id", "subject", "relation", "previous_answer", "kind")
@@ -210,16 +210,22 @@ class Example:
 
 
 def encode_example(tokenizer, row: dict[str, Any], max_len: int, overlong: str, where: str) -> Example:
-    p = prompt_ids(tokenizer, row["question"])
-    a = answer_ids(tokenizer, row["answer"])
-    if len(p) + len(a) > max_len:
-        if overlong == "error" or len(a) >= max_len - 1:
+    """A row as the model's chat template renders it (:func:`msl_ds.chat.encode_turn`), loss on the
+    assistant's turn only; ``overlong=truncate`` cuts the prompt after its first token."""
+    try:
+        ids, start, stop = encode_turn(tokenizer, row["question"], row["answer"])
+    except TemplateError as exc:
+        raise DataError(f"{where}: row {row['id']!r}: {exc}") from None
+    labels = [-100] * start + ids[start:stop] + [-100] * (len(ids) - stop)
+    if len(ids) > max_len:
+        cut = len(ids) - max_len
+        if overlong == "error" or cut > start - 1:
             raise DataError(
-                f"{where}: row {row['id']!r} is {len(p) + len(a)} tokens, longer than data.max_seq_len="
+                f"{where}: row {row['id']!r} is {len(ids)} tokens, longer than data.max_seq_len="
                 f"{max_len} (set data.overlong=truncate to cut the prompt from the left)"
             )
-        p = p[:1] + p[len(p) + len(a) - max_len + 1 :]  # keep bos, cut the prompt's start
-    return Example(input_ids=p + a, labels=[-100] * len(p) + a, row=row, weight=float(row.get("weight", 1.0)))
+        ids, labels = ids[:1] + ids[1 + cut :], labels[:1] + labels[1 + cut :]  # keep bos, cut the prompt's start
+    return Example(input_ids=ids, labels=labels, row=row, weight=float(row.get("weight", 1.0)))
 
 
 def encode_rows(tokenizer, rows: list[dict[str, Any]], max_len: int, overlong: str, where: str) -> list[Example]:
@@ -284,10 +290,11 @@ def micro_batches(global_batch: list[int], micro: int, accum: int, world: int, r
     return [global_batch[(k * world + rank) * micro : (k * world + rank + 1) * micro] for k in range(accum)]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_id: int | None) -> dict[str, torch.Tensor]:
     """Right-padded tensors; labels are already shifted to the next-token targets."""
     T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    # a checkpoint may set no pad id (Llama-3): padded positions are masked and unscored, any id does
+    ids = torch.full((len(examples), T), 0 if pad_id is None else pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
     attn = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):

@@ -432,30 +432,85 @@ def gathered_params(module: torch.nn.Module, modifier_rank: int | None = None) -
 
 
 def unpartitioned_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A plain copy of a ZeRO-3 partitioned Hugging Face model with full weights on this rank.
+    """A plain, hook-free copy of a ZeRO-3 partitioned Hugging Face model with full weights on this rank.
 
     Generating through the engine's own module is unsafe when ranks run different numbers of
     forward passes: ZeRO-3's hooks release and re-fetch parameters even inside
     ``GatheredParameters`` (seen with DeepSpeed 0.19.8: gloo "collective mismatch" on uneven
     shards). A hook-free copy lets every rank generate its own shard independently.
+
+    The copy is the trained model exactly: built on the meta device (no initialisation, no
+    memory), each parameter gathered in turn and copied in its training dtype (tied parameters
+    stay tied), every buffer copied in the dtype the engine keeps it (RoPE's ``inv_freq`` stays
+    fp32 under bf16). Each partitioned parameter is gathered straight into its place in the copy
+    (:func:`_full_tensor`), so the peak is the copy itself plus a bounded staging buffer.
     """
     import copy
 
-    dtype = next(module.parameters()).dtype
-    with torch.device(device()):
-        clone = type(module)(copy.deepcopy(module.config)).to(dtype)
-    state: dict[str, torch.Tensor] = {}
+    dev = device()
+    with torch.device("meta"):
+        clone = type(module)(copy.deepcopy(module.config))
+    sites: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # a meta parameter -> where it sits (ties)
+    for mod in clone.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                sites.setdefault(id(p), []).append((mod, attr))
+    targets = dict(clone.named_parameters())
+    filled: set[int] = set()
     for name, p in module.named_parameters():
-        ctx = _deepspeed().zero.GatheredParameters([p]) if is_partitioned(p) else contextlib.nullcontext()
-        with ctx:
-            state[name] = p.detach().clone()
-    missing, unexpected = clone.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(clone.config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(
-            f"unpartitioned copy: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
-        )
+        if name not in targets:
+            raise RuntimeError(f"unpartitioned copy: the engine's parameter {name} has no place in the copy")
+        full = torch.nn.Parameter(_full_tensor(p, dev), requires_grad=False)
+        for mod, attr in sites[id(targets[name])]:
+            mod._parameters[attr] = full
+        filled.add(id(targets[name]))
+    source = dict(module.named_buffers())
+    for name, _ in list(clone.named_buffers()):
+        if name not in source:
+            raise RuntimeError(f"unpartitioned copy: the engine has no buffer {name}")
+        owner, _, attr = name.rpartition(".")
+        clone.get_submodule(owner)._buffers[attr] = source[name].detach().to(dev, copy=True)
+    missing = sorted(n for n, p in targets.items() if id(p) not in filled)
+    if missing:
+        raise RuntimeError(f"unpartitioned copy: parameters {missing} were not in the engine's module")
     return clone.eval()
+
+
+# Elements of a rank's partition all-gathered at a time into the generation copy: bounds the
+# staging buffers (ours, and gloo's, which stages every all-gather's output once more) to
+# 2 x world size x this many elements, whatever the size of the largest parameter.
+GATHER_CHUNK_NUMEL = 2**20
+
+
+def _full_tensor(p: torch.nn.Parameter, dev: torch.device) -> torch.Tensor:
+    """A new full tensor of ``p`` on ``dev`` (all ranks together for a partitioned parameter).
+
+    ZeRO-3 keeps rank r's slice ``[r * n, (r + 1) * n)`` of the flattened parameter in
+    ``p.ds_tensor`` (the last one padded): all-gathering the slices, a chunk at a time, into one
+    flat buffer yields the parameter without the second full-size buffer ``GatheredParameters``
+    would allocate. A parameter whose partition is not in memory (NVMe offload) goes through
+    ``GatheredParameters``.
+    """
+    if not is_partitioned(p):
+        return p.detach().to(dev, copy=True)
+    part = getattr(p, "ds_tensor", None)
+    group = getattr(p, "ds_process_group", None)
+    n = dist.get_world_size(group)
+    if part is None or part.numel() * n < p.ds_numel or getattr(part, "final_location", None) == "nvme":
+        with _deepspeed().zero.GatheredParameters([p]):
+            return p.detach().to(dev, copy=True)
+    part = part.detach().to(dev).view(-1)
+    size = part.numel()
+    flat = torch.empty(size * n, dtype=part.dtype, device=dev)
+    step = min(size, GATHER_CHUNK_NUMEL)
+    buf = torch.empty(step * n, dtype=part.dtype, device=dev)
+    for a in range(0, size, step):
+        b = min(size, a + step)
+        out = buf[: (b - a) * n]
+        with _collective("generation copy all-gather"):
+            dist.all_gather_into_tensor(out, part[a:b].contiguous(), group=group)
+        flat.view(n, size)[:, a:b].copy_(out.view(n, b - a))  # rank r's slice goes to [r * size + a, r * size + b)
+    return flat[: p.ds_numel].view(p.ds_shape)
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

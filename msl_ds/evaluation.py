@@ -185,7 +185,6 @@ def stage_scores(
     numeric = {int(i): {int(j): v for j, v in r.items()} for i, r in matrix.items()}
     now = [r for r in before if r["set"] == "now"]
     mine = results[f"stage_{t:02d}"]
-    unfinished = [r for rs in results.values() for r in rs]
     return {
         "stage": t,
         **({"base": base} if base else {}),
@@ -195,7 +194,6 @@ def stage_scores(
         "retain": accuracy(results["retain"]) if "retain" in results else float("nan"),
         "general": accuracy(results["general"]) if "general" in results else float("nan"),
         "outdated": outdated_share(mine),
-        "eval_unfinished": sum(not r["finished"] for r in unfinished) / len(unfinished) if unfinished else 0.0,
         "matrix": matrix,
     }
 

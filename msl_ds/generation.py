@@ -11,14 +11,21 @@ The results are gathered back in job order, so the output does not depend on the
 
 from __future__ import annotations
 
+import logging
+import re
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from msl_ds import distributed as D
-from msl_ds.modeling import prompt_ids
+from msl_ds.chat import end_of_turn_id, prompt_ids
+from msl_ds.io import read_json, write_json
 from msl_ds.monitor import progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,13 +38,66 @@ class GenConfig:
     mode: str = "auto"  # auto | gathered | synced
     gather_max_gib: float = 8.0
     seed: int = 0
+    top_k: int = 0  # 0: no top-k cut when sampling
+    max_unfinished: float = 0.2  # warn when a larger share of a call's generations hits max_new_tokens
 
     @classmethod
     def from_eval(cls, e, seed: int) -> "GenConfig":
         """From the run config's ``eval`` section."""
         return cls(
-            e.max_new_tokens, e.batch_size, e.do_sample, e.temperature, e.top_p, e.generation, e.gather_max_gib, seed
+            max_new_tokens=e.max_new_tokens,
+            batch_size=e.batch_size,
+            do_sample=e.do_sample,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            mode=e.generation,
+            gather_max_gib=e.gather_max_gib,
+            seed=seed,
+            top_k=e.top_k,
+            max_unfinished=e.max_unfinished,
         )
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: the checkpoint's ``generation_config.eos_token_id`` (an int
+    or a list), the chat template's end-of-turn token and the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    out: list[int] = []
+    for i in [*eos, end_of_turn_id(tokenizer), tokenizer.eos_token_id]:
+        if i is not None and int(i) not in out:
+            out.append(int(i))
+    return out
+
+
+def hf_generation_config(cfg: GenConfig, stops: list[int], pad_id: int):
+    """The one ``transformers.GenerationConfig`` of a call, every setting explicit.
+
+    Sampling settings come from ``cfg`` alone (``top_k`` 0 = off, not the library's 50); every other
+    logits processor is switched off, so nothing of a checkpoint's ``generation_config`` (a
+    repetition penalty, its own temperature) or of the library's defaults changes what is sampled.
+    """
+    from transformers import GenerationConfig
+
+    sampling: dict[str, Any] = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if cfg.do_sample:
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    return GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=0,
+        num_beams=1,
+        num_return_sequences=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        typical_p=1.0,
+        min_p=None,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+        use_cache=True,
+        **sampling,
+    )
 
 
 def full_param_bytes(model: torch.nn.Module) -> int:
@@ -59,7 +119,7 @@ def choose_mode(model: torch.nn.Module, cfg: GenConfig) -> str:
 
 
 @torch.no_grad()
-def _generate_batch(model, batch: list[list[int]], pad_id: int, eos_id: int, cfg: GenConfig, synced: bool, seed: int):
+def _generate_batch(model, batch: list[list[int]], pad_id: int, gen_config, synced: bool, seed: int):
     dev = next(model.parameters()).device
     T = max(len(x) for x in batch)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long, device=dev)
@@ -67,21 +127,23 @@ def _generate_batch(model, batch: list[list[int]], pad_id: int, eos_id: int, cfg
     for i, x in enumerate(batch):  # left padding so every row continues at the same position
         ids[i, T - len(x) :] = torch.tensor(x, device=dev)
         attn[i, T - len(x) :] = 1
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True
-    )
+    kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=attn, generation_config=gen_config)
     if synced:
         kwargs["synced_gpus"] = True
-    if not cfg.do_sample:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return model.generate(input_ids=ids, attention_mask=attn, **kwargs)[:, T:].tolist()
-    kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
-    # sampling draws from the global generator: fork it, so that generating leaves the training
-    # RNG stream exactly where it was (a resumed stage that skips generation sees the same stream)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
-    return out[:, T:].tolist()
+    # the model's own generation_config is set aside for the call: transformers fills every setting
+    # left unset from it, and only the explicit config may decide how msl_ds generates
+    own, model.generation_config = model.generation_config, gen_config
+    try:
+        if not gen_config.do_sample:
+            return model.generate(**kwargs)[:, T:].tolist()
+        # sampling draws from the global generator: fork it, so that generating leaves the training
+        # RNG stream exactly where it was (a resumed stage that skips generation sees the same stream)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(**kwargs)
+        return out[:, T:].tolist()
+    finally:
+        model.generation_config = own
 
 
 def global_batches(jobs: list[tuple[int, list[int]]], batch_size: int) -> list[list[tuple[int, list[int]]]]:
@@ -90,17 +152,117 @@ def global_batches(jobs: list[tuple[int, list[int]]], batch_size: int) -> list[l
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+# --------------------------------------------------------------------------- the generation copy
+
+
+class _Copy:
+    """The gathered copy of one engine's module, kept for every generation phase of a stage.
+
+    :func:`release_generation_copy` frees it (before training, after the last phase). As a guard,
+    a copy whose source weights changed since it was built (a checksum of every rank's partitions)
+    is rebuilt rather than used.
+    """
+
+    owner: "weakref.ref[torch.nn.Module] | None" = None
+    checksum: tuple[float, float] | None = None
+    model: torch.nn.Module | None = None
+    built = 0  # copies built in this process (tests count them)
+
+
+def _checksum(module: torch.nn.Module) -> tuple[float, float]:
+    total = torch.zeros(2, dtype=torch.float64)
+    for p in module.parameters():
+        t = (p.ds_tensor if D.is_partitioned(p) else p).detach()
+        total += torch.stack([t.double().sum(), t.double().abs().sum()]).cpu()
+    return float(total[0]), float(total[1])
+
+
+def generation_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """The hook-free full copy of ``module`` (all ranks together), built once and then reused."""
+    checksum = _checksum(module)
+    same = _Copy.owner is not None and _Copy.owner() is module and _Copy.checksum == checksum
+    if not all(D.all_gather_objects(same)):  # every rank rebuilds, or none: gathering is collective
+        release_generation_copy()
+        _Copy.model = D.unpartitioned_copy(module)
+        _Copy.owner, _Copy.checksum = weakref.ref(module), checksum
+        _Copy.built += 1
+    return _Copy.model
+
+
+def release_generation_copy() -> None:
+    """Free the generation copy (call before training: the weights are about to change)."""
+    _Copy.owner = _Copy.checksum = _Copy.model = None
+
+
+# --------------------------------------------------------------------------- unfinished generations
+
+_UNFINISHED: dict[str, list[int]] = {}  # phase -> [unfinished, generated] since the last take
+_TRACK: dict[str, Path] = {}  # "path": where rank 0 keeps the stage's counts (a resumed stage reads them)
+
+
+def phase_key(desc: str) -> str:
+    """``"stage 3 pre-eval"`` -> ``"pre_eval"``: a phase name without its stage."""
+    return re.sub(r"\W+", "_", re.sub(r"^stage \d+ ", "", desc).lower()).strip("_")
+
+
+def track_unfinished(path: str | Path) -> None:
+    """Count this stage's unfinished generations from here on, kept in ``path`` as they come.
+
+    A phase counts once (its last run), so a resumed stage that reads a phase's output instead of
+    generating it again reports the same shares as an uninterrupted one.
+    """
+    _UNFINISHED.clear()
+    _TRACK["path"] = Path(path)
+    if Path(path).is_file():
+        _UNFINISHED.update(read_json(path))
+
+
+def take_unfinished() -> dict[str, float]:
+    """``{"unfinished_<phase>": share}`` of every phase since the last call (then forgotten), plus
+    ``unfinished``: the share over all of them. The same on every rank."""
+    out = {f"unfinished_{k}": u / n for k, (u, n) in sorted(_UNFINISHED.items()) if n}
+    total = [sum(v[i] for v in _UNFINISHED.values()) for i in (0, 1)]
+    if total[1]:
+        out["unfinished"] = total[0] / total[1]
+    _UNFINISHED.clear()
+    _TRACK.clear()
+    return out
+
+
+def _count_unfinished(desc: str, outputs: list[dict[str, Any]], cfg: GenConfig) -> None:
+    if not outputs:
+        return
+    unfinished = sum(not o["finished"] for o in outputs)
+    _UNFINISHED[phase_key(desc)] = [unfinished, len(outputs)]
+    if "path" in _TRACK and D.is_rank0():
+        write_json(_TRACK["path"], _UNFINISHED)
+    share = unfinished / len(outputs)
+    if share > cfg.max_unfinished and D.is_rank0():
+        log.warning(
+            "%s: %d of %d generations (%.0f%%) hit max_new_tokens=%d without an end token, more than "
+            "eval.max_unfinished=%.2f: the model may not end its turns with the tokens msl_ds stops on "
+            "(check model.chat_template and the checkpoint's generation_config.eos_token_id), or the cap is low",
+            desc, unfinished, len(outputs), 100 * share, cfg.max_new_tokens, cfg.max_unfinished,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- generate
+
+
 def generate(
     model, tokenizer, pad_id: int | None, questions: list[str], cfg: GenConfig, desc: str = "generate"
 ) -> list[dict[str, Any]]:
-    """Answer every question; returns ``[{"text", "finished"}]`` in question order on every rank.
+    """Answer every question; returns ``[{"text", "finished", "ids"}]`` in question order on every rank.
 
     A batch is seeded with ``cfg.seed`` plus the index of its first question, so with
-    ``do_sample`` the output is a function of (seed, question list) alone.
+    ``do_sample`` the output is a function of (seed, question list) alone. An answer is finished
+    when it ends with any of :func:`stop_ids`; the share that is not is counted per phase
+    (``desc``, see :func:`take_unfinished`) and warned about above ``cfg.max_unfinished``.
     """
     questions = D.broadcast_object(questions)  # rank 0's plan is the plan
     pad = pad_id if pad_id is not None else tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
+    gen_config = hf_generation_config(cfg, stops, pad)
     jobs = [(i, prompt_ids(tokenizer, q)) for i, q in enumerate(questions)]
     w, r = D.world_size(), D.rank()
     batches = global_batches(jobs, cfg.batch_size)[r::w]  # round-robin: every rank gets short and long ones
@@ -110,24 +272,27 @@ def generate(
         batches += [[]] * (n - len(batches))
     was_training = model.training
     model.eval()
-    gen_model = D.unpartitioned_copy(model) if mode == "gathered" else model
+    gen_model = generation_copy(model) if mode == "gathered" else model
     results: list[tuple[int, list[int]]] = []
     for batch in progress(batches, desc=desc):
         if not batch:  # a synced rank with nothing left still steps with a dummy prompt
-            _generate_batch(gen_model, [jobs[0][1]], pad, eos, cfg, True, cfg.seed)
+            _generate_batch(gen_model, [jobs[0][1]], pad, gen_config, True, cfg.seed)
             continue
         seed = cfg.seed + min(j[0] for j in batch)
-        outs = _generate_batch(gen_model, [j[1] for j in batch], pad, eos, cfg, mode == "synced", seed)
+        outs = _generate_batch(gen_model, [j[1] for j in batch], pad, gen_config, mode == "synced", seed)
         results += [(j[0], o) for j, o in zip(batch, outs)]
     del gen_model
     model.train(was_training)
     merged = sorted(D.gather_shards(results))
-    return [_decode(tokenizer, toks, eos, pad) for _, toks in merged]
+    outputs = [_decode(tokenizer, toks, set(stops), pad) for _, toks in merged]
+    _count_unfinished(desc, outputs, cfg)
+    return outputs
 
 
-def _decode(tokenizer, toks: list[int], eos: int, pad: int) -> dict[str, Any]:
-    finished = eos in toks
-    if finished:
-        toks = toks[: toks.index(eos)]
-    toks = [t for t in toks if t != pad]
-    return {"text": tokenizer.decode(toks, skip_special_tokens=True).strip(), "finished": finished}
+def _decode(tokenizer, toks: list[int], stops: set[int], pad: int) -> dict[str, Any]:
+    """``text`` up to the first end token, whether there was one, and the generated ``ids`` through it."""
+    end = next((k for k, t in enumerate(toks) if t in stops), None)
+    finished = end is not None
+    ids = toks[: end + 1] if finished else toks
+    text = [t for t in (toks[:end] if finished else toks) if t != pad]
+    return {"text": tokenizer.decode(text, skip_special_tokens=True).strip(), "finished": finished, "ids": ids}

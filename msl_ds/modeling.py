@@ -17,18 +17,18 @@ from typing import Any
 import torch
 
 from msl_ds import distributed as D
+from msl_ds.chat import (
+    NAMED_TEMPLATES,
+    TOY_CHAT_TEMPLATE,
+    TemplateError,
+    check_template,
+    prompt_ids,  # noqa: F401  (re-exported for callers that ask the model's module)
+)
 
 log = logging.getLogger(__name__)
 
-# The chat template given to tokenizers msl_ds trains itself. It is plain text on purpose: a tiny
-# model learns it in a few hundred steps, and a user's own tokenizer keeps its own template.
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }} "
-    "{% elif m['role'] == 'user' %}Question: {{ m['content'] }} Answer:"
-    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-)
+# the template of the tokenizers msl_ds trains itself (model.chat_template: toy)
+DEFAULT_CHAT_TEMPLATE = TOY_CHAT_TEMPLATE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,7 +38,13 @@ class ModelError(RuntimeError):
 
 
 def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer at ``path``; ``chat_template`` is a template string or a file holding one."""
+    """The tokenizer at ``path`` with a chat template msl_ds can train and generate with.
+
+    ``chat_template`` (``model.chat_template``) replaces the tokenizer's own: a name from
+    :data:`msl_ds.chat.NAMED_TEMPLATES`, a file holding a Jinja template, or the template itself.
+    A tokenizer left without a template is refused: rows rendered in a format the model was not
+    trained on would be silently wrong.
+    """
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -49,29 +55,26 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
     tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     if chat_template:
         t = Path(chat_template)
-        tok.chat_template = t.read_text(encoding="utf-8") if t.is_file() else chat_template
+        if chat_template in NAMED_TEMPLATES:
+            tok.chat_template = NAMED_TEMPLATES[chat_template]
+        else:
+            tok.chat_template = t.read_text(encoding="utf-8") if t.is_file() else chat_template
     if not getattr(tok, "chat_template", None):
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+        raise ModelError(
+            f"model.path: the tokenizer in {p} has no chat template; msl_ds renders every row with the model's "
+            f"own template. Set model.chat_template to a Jinja template (a string or a file) or to a named one "
+            f"({', '.join(sorted(NAMED_TEMPLATES))})"
+        )
     if tok.eos_token_id is None:
         raise ModelError(f"{p}: tokenizer has no eos token; answers could never end")
+    try:
+        check_template(tok)
+    except TemplateError as exc:
+        where = "model.chat_template" if chat_template else f"the chat template of {p}"
+        raise ModelError(f"{where}: {exc} (set model.chat_template to a template that fits this model)") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    """Token ids of a user turn followed by the assistant generation prompt."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-    )
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    """Token ids of an answer as the model should emit it, ending with eos."""
-    return tokenizer.encode(" " + answer.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
 # where architectures keep their longest position (the first one present counts)

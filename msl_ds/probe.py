@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from msl_ds import distributed as D
+from msl_ds.chat import answer_ids
 from msl_ds.data import DataError, Example, collate, encode_example
 from msl_ds.evaluation import is_correct
 from msl_ds.generation import GenConfig, generate
@@ -118,7 +119,9 @@ def minilm_similarity(pairs: list[tuple[str, str]]) -> list[float]:
 def policy_similarity(engine, tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[float]:
     """Cosine of the policy's own mean-pooled last hidden states (no extra model)."""
     texts = sorted({t for p in pairs for t in p})
-    items = [[tokenizer.bos_token_id or 0, *tokenizer.encode(" " + t, add_special_tokens=False)] for t in texts]
+    # each text's tokens as the chat template renders an answer (any tokenizer: SentencePiece, byte BPE)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    items = [bos + answer_ids(tokenizer, t) or [tokenizer.pad_token_id] for t in texts]
 
     def embed(batch: list[list[int]]) -> list[list[float]]:
         ex = [Example(input_ids=x, labels=x, row={}) for x in batch]

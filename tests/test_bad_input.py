@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_CONFIG, run
+from conftest import REPO, TINY_CONFIG, deepspeed_cmd, run
 
+from msl_ds.chat import answer_ids
 from msl_ds.config import CONFIG_DIR, ConfigError, load_config, load_deepspeed_config
 from msl_ds.data import DataError, check_lengths, encode_example, load_rows, load_world
-from msl_ds.modeling import ModelError, answer_ids, build_tokenizer, check_model_dir, load_tokenizer
+from msl_ds.modeling import ModelError, build_tokenizer, check_model_dir, load_tokenizer
 
 GOOD = '{"question": "Who leads Acme?", "answer": "Ann"}\n'
 
@@ -115,7 +116,8 @@ def test_sequence_longer_than_max_seq_len(tmp_path, tok):
     assert msg.startswith(f"{train} id=long: row 'long' is ") and "longer than data.max_seq_len=64" in msg
     ex = encode_example(tok, row, 64, "truncate", "f")
     assert len(ex.input_ids) == 64 and ex.input_ids[0] == tok.bos_token_id
-    assert ex.labels[-len(answer_ids(tok, "Kalin Marr")) :] == answer_ids(tok, "Kalin Marr")
+    answer = [*answer_ids(tok, "Kalin Marr"), tok.eos_token_id]  # the toy template ends a turn with eos
+    assert ex.labels[-len(answer) :] == answer
 
 
 def test_max_seq_len_beyond_model_positions(tmp_path):
@@ -193,4 +195,26 @@ def test_run_failing_validation_writes_nothing(tmp_path):
     proc = run(cmd, timeout=300, check=False)
     assert proc.returncode != 0
     assert f"{bad}:2: field 'answer' is missing" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_model_without_chat_template_refused_before_training(tmp_path, tok):
+    """model.path at a tokenizer without a chat template: every rank refuses at setup, naming the
+    missing template and model.chat_template, before anything is written or trained."""
+    for split in ("train", "test"):
+        for stage in ("stage_00", "stage_01"):
+            write(tmp_path / "world" / stage / f"{split}.jsonl", GOOD)
+    model = tmp_path / "bare_model"
+    tok.save_pretrained(str(model))
+    for f in model.glob("chat_template*"):
+        f.unlink()
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"chat_template"', '"unused_template"'))
+    write(model / "config.json", '{"model_type": "llama", "max_position_embeddings": 128}')
+    out = tmp_path / "out"
+    args = [str(TINY_CONFIG), f"data.dir={tmp_path / 'world'}", f"run.output_dir={out}", f"model.path={model}"]
+    proc = run(deepspeed_cmd("launch/train.py", *args), timeout=300, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"msl_ds: error: model.path: the tokenizer in {model} has no chat template") == 2
+    assert "Set model.chat_template to a Jinja template" in proc.stderr
     assert not out.exists()
