@@ -117,4 +117,4 @@ def test_check_accepts_alpaca_arrays_without_stage_0(tiny_world, tiny_base, tmp_
     # the same data read as plain rows is refused, naming the file, the line and the field
     proc, seconds = check(str(TINY_CONFIG), f"data.dir={tmp_path / 'alpaca'}", f"model.path={tiny_base}")
     assert proc.returncode == 2 and seconds < 15
-    assert "stage_01/test.json:2: field 'question' is missing" in proc.stderr, proc.stderr
+    assert "stage_01/train.json:2: field 'question' is missing" in proc.stderr, proc.stderr
