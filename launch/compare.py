@@ -142,7 +142,7 @@ def aggregate(out: Path, methods: list[str], seeds: list[int], common: list[str]
         final = {k: mean_std([r[-1].get(k, nan) for r in runs]) for k in FINAL}
         final.update({k: mean_std([_mean([st.get(k) for st in r]) for r in runs]) for k in MEANS})
         final["wall_seconds"] = mean_std(walls)
-        # the first stage's changed facts (DESIGN.md: the conflicts): accuracy and old answers given
+        # the first stage's changed facts (the conflicts): accuracy and old answers given
         changed = [first_stage_changed(out / "runs" / m / f"seed{s}", stages[0]) for s in seeds]
         final["stage1_changed_acc"] = mean_std([c[0] for c in changed])
         final["stage1_changed_outdated"] = mean_std([c[1] for c in changed])
@@ -254,7 +254,7 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "ds_configs" / "run_cpu_default.yaml"))
-    p.add_argument("--data", default=str(ROOT / "data" / "world_default"), help="a DESIGN.md §4 world")
+    p.add_argument("--data", default=str(ROOT / "data" / "world_default"), help="a world in the README data layout")
     p.add_argument("--model", default=str(ROOT / "artifacts" / "base_default"), help="its base model")
     p.add_argument("--out", default=str(ROOT / "results" / "compare"))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

@@ -6,7 +6,7 @@ Trains a SentencePiece tokenizer on the world's text, writes a randomly initiali
 ``base.arch``, trains it under the same ZeRO-3 engine as the stages on stage 0's training data
 plus the instruction skills derived from it (paraphrase, background, expansion), and exports it
 to ``base.out_dir`` with its accuracy on stage 0's held-out phrasings and on the general probe.
-Works for any world that follows DESIGN.md §4. Cached: a finished build is not redone. With
+Works for any world that follows the README data layout. Cached: a finished build is not redone. With
 ``base.init`` it starts from that model directory instead (its tokenizer, chat template and
 ``generation_config`` end tokens are kept): how the tests build Llama-3/Qwen2/Gemma-style bases.
 """

@@ -1,4 +1,4 @@
-"""Self-distillation augmentation and dynamic selection (DESIGN.md §2.2–2.3).
+"""Self-distillation augmentation and dynamic selection (docs/METHOD.md).
 
 Before a stage trains, the current model π_{t-1} rewrites the stage's own data:
 

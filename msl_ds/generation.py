@@ -1,4 +1,4 @@
-"""Generation under ZeRO-3, coordinated by rank 0 (DESIGN.md §3).
+"""Generation under ZeRO-3, coordinated by rank 0 (docs/METHOD.md).
 
 Rank 0 fixes the job list and broadcasts it. The jobs are cut into batches *globally* (sorted by
 prompt length, then index) and the batches are dealt to ranks round-robin, so a batch's contents,

@@ -1,4 +1,4 @@
-"""Conflict probing for the preference-based learning bias (DESIGN.md §2.1).
+"""Conflict probing for the preference-based learning bias (docs/METHOD.md).
 
 Before a stage trains, the current model π_{t-1} answers every training question once greedily
 and K times by sampling. Each distinct answer becomes a candidate, *aligned* with the new gold
