@@ -212,7 +212,7 @@ def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int, seed
         )
         (out / "tokenizer.model").write_bytes((Path(tmp) / "sp.model").read_bytes())
     # LlamaTokenizer(vocab_file=...) encodes to empty lists in transformers 5.24, while
-    # from_pretrained on a directory holding tokenizer.model works (ENVIRONMENT.md).
+    # from_pretrained on a directory holding tokenizer.model works (LlamaTokenizer(vocab_file=...) gave empty ids in transformers 5.24).
     tok = LlamaTokenizer.from_pretrained(str(out), legacy=False, add_prefix_space=False)
     tok.pad_token = "<pad>"
     tok.chat_template = DEFAULT_CHAT_TEMPLATE
