@@ -26,11 +26,17 @@ from msl_ds import distributed as D  # noqa: E402
 from msl_ds.augment import KINDS, acceptance, run_augment, training_rows  # noqa: E402
 from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
 from msl_ds.data import DataError, check_lengths, encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
-from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps  # noqa: E402
+from msl_ds.engine import (  # noqa: E402
+    Checkpoints,
+    CheckpointWorldSizeError,
+    build_engine,
+    set_total_steps,
+    stage_done,
+)
 from msl_ds.evaluation import acc_bwt, accuracy, evaluate_sets, markdown_table, outdated_share, transfer  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
 from msl_ds.generation import GenConfig  # noqa: E402
-from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
+from msl_ds.io import read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
 from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
@@ -88,8 +94,10 @@ class Recipe:
         done = []
         for t in self.stages:
             sdir = self.stage_dir(t)
-            if self.cfg.run.resume and marker_ok(sdir):
+            if self.cfg.run.resume and stage_done(sdir):
                 log.info("stage %d already done: %s", t, sdir)
+                if not self.cfg.run.keep_stage_checkpoints:
+                    Checkpoints(sdir / "ckpt", t).discard()  # left by a kill right after the marker
             else:
                 self.run_stage(t)
             done.append(read_json(sdir / "metrics.json"))
@@ -132,8 +140,9 @@ class Recipe:
             ckpts.save(engine, step, {"stage": t, "rng": rng_state()})
 
         trainer = StageTrainer(
-            engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"], self.loss_config()
-        )
+            engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"], self.loss_config(),
+            peak_tflops=self.cfg.monitor.peak_tflops,
+        )  # fmt: skip
         if start < len(plan):
             stats = trainer.run(start)
             ckpts.save(engine, len(plan), {"stage": t, "rng": rng_state(), "stats": stats})  # stage end
@@ -155,6 +164,8 @@ class Recipe:
             write_marker(sdir, ["metrics.json", "eval.jsonl", "pre_eval.jsonl", "hf", *phase_files])
             self.log_stage(metrics)
         D.barrier()
+        if not self.cfg.run.keep_stage_checkpoints:
+            ckpts.discard()  # the export and the marker stand for the stage now
 
     # ------------------------------------------------------------------ pieces
 
@@ -255,7 +266,7 @@ class Recipe:
             seed = probe_seed(self.cfg.run.seed, t)
             out = probe_stage(
                 engine, self.tokenizer, pad, rows, self.cfg.pbl, self.gen, seed, self.cfg.data.max_seq_len,
-                self.cfg.skills.background_prompt,
+                self.cfg.skills.background_prompt, self.cfg.train.logprobs,
             )  # fmt: skip
             maybe_fault("probe", stage=t)
             if D.is_rank0():
