@@ -98,3 +98,21 @@ def test_marker_from_before_fingerprints_still_verifies(tmp_path):
     assert io.marker_ok(tmp_path)
     (tmp_path / "metrics.json").write_text("{ }")
     assert not io.marker_ok(tmp_path)
+
+
+def test_stage_done_and_discarded_checkpoints(tmp_path):
+    """One process: the rank-0 verdict is marker_ok's; discard removes the stage's ckpt/ whole."""
+    from msl_ds.engine import Checkpoints, stage_done
+
+    (tmp_path / "metrics.json").write_text("{}")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step_000004").mkdir(parents=True)
+    (ckpt / "step_000004" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    io.write_json(ckpt / "LATEST.json", {"tag": "step_000004", "step": 4})
+    assert not stage_done(tmp_path)
+    io.write_marker(tmp_path, ["metrics.json"])
+    assert stage_done(tmp_path)
+    Checkpoints(ckpt, 1).discard()
+    assert not ckpt.exists() and stage_done(tmp_path)  # the marker does not vouch for ckpt/
+    Checkpoints(ckpt, 1).discard()  # nothing left: a no-op
+    assert Checkpoints(ckpt, 1).latest() is None
