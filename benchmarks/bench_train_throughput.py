@@ -1,6 +1,8 @@
 """Training throughput: the msl_ds stage engine against transformers.Trainer + DeepSpeed ZeRO-3.
 
     deepspeed --num_gpus 2 benchmarks/bench_train_throughput.py [--steps 40] [--hidden 192]
+    deepspeed --num_gpus 2 benchmarks/bench_train_throughput.py --set train.logprobs=fused_linear \
+        train.gradient_checkpointing=true
 
 Both contenders run in this one invocation on the same ranks, the same tiny Llama (same init),
 the same rows (the tiny world's stage-0 training data, tokenised the same way), the same
@@ -171,10 +173,19 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--ds", default="zero3.json")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config overrides for the msl_ds contender, e.g. train.logprobs=fused_linear "
+        "train.gradient_checkpointing=true",
+    )
     p.add_argument("--local_rank", type=int, default=None)
     a = p.parse_args()
     cfg = load_config(
-        CONFIG, [f"train.micro_batch_size={a.micro}", f"deepspeed.config={a.ds}", "train.log_every_steps=1000000"]
+        CONFIG,
+        [f"train.micro_batch_size={a.micro}", f"deepspeed.config={a.ds}", "train.log_every_steps=1000000", *a.set],
     )
     cfg = dataclasses.replace(cfg)
     D.init("auto")
@@ -193,6 +204,7 @@ def main() -> None:
         print(
             f"\nTraining throughput, {D.world_size()} ranks, {a.ds}, Llama hidden {a.hidden} x {a.layers} layers, "
             f"micro-batch {a.micro}, {a.steps} timed steps after {a.warmup} warmup"
+            + (f", msl_ds with {' '.join(a.set)}" if a.set else "")
         )
         print("| contender | seconds | tokens | tokens/s | ratio vs Trainer |")
         print("|---|---|---|---|---|")

@@ -28,13 +28,13 @@ from msl_ds.augment import KINDS, acceptance, run_augment, training_rows  # noqa
 from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
 from msl_ds.data import DataError, check_lengths, encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
 from msl_ds.datafiles import DataSource  # noqa: E402
-from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps  # noqa: E402
+from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps, stage_done  # noqa: E402
 from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_scores  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
 from msl_ds.fingerprint import FILE as FINGERPRINT  # noqa: E402
 from msl_ds.fingerprint import check_output_dir, fingerprint, record  # noqa: E402
 from msl_ds.generation import GenConfig, release_generation_copy, take_unfinished, track_unfinished  # noqa: E402
-from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
+from msl_ds.io import read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
 from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
@@ -156,8 +156,10 @@ class Recipe:
         done = []
         for t in self.stages:
             sdir = self.stage_dir(t)
-            if D.rank0_decides(lambda d: bool(self.cfg.run.resume) and marker_ok(d), sdir):
+            if self.cfg.run.resume and stage_done(sdir):  # verified on rank 0, the verdict broadcast
                 log.info("stage %d already done: %s", t, sdir)
+                if not self.cfg.run.keep_stage_checkpoints:
+                    Checkpoints(sdir / "ckpt", t).discard()  # left by a kill right after the marker
             else:
                 self.run_stage(t)
             done.append(D.rank0_decides(read_json, sdir / "metrics.json"))  # rank 0's record, on every rank
@@ -202,8 +204,9 @@ class Recipe:
             ckpts.save(engine, step, {"stage": t, "rng": rng_state()})
 
         trainer = StageTrainer(
-            engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"], self.loss_config()
-        )
+            engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"], self.loss_config(),
+            peak_tflops=self.cfg.monitor.peak_tflops,
+        )  # fmt: skip
         if start < len(plan):
             stats = trainer.run(start)
             ckpts.save(engine, len(plan), {"stage": t, "rng": rng_state(), "stats": stats})  # stage end
@@ -231,6 +234,8 @@ class Recipe:
             write_marker(sdir, ["metrics.json", "eval.jsonl", "pre_eval.jsonl", "hf", *phase_files])
             self.log_stage(metrics)
         D.barrier()
+        if not self.cfg.run.keep_stage_checkpoints:
+            ckpts.discard()  # the export and the marker stand for the stage now
 
     # ------------------------------------------------------------------ pieces
 
@@ -347,7 +352,7 @@ class Recipe:
             seed = probe_seed(self.cfg.run.seed, t)
             out = probe_stage(
                 engine, self.tokenizer, pad, rows, self.cfg.pbl, self.gen, seed, self.cfg.data.max_seq_len,
-                self.cfg.skills.background_prompt,
+                self.cfg.skills.background_prompt, self.cfg.train.logprobs,
             )  # fmt: skip
             maybe_fault("probe", stage=t)
             if D.is_rank0():

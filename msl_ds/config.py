@@ -12,6 +12,7 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import types
 import typing
@@ -34,6 +35,7 @@ class RunSection:
     method: Literal["sft", "replay", "msl"] = "msl"
     resume: bool | Literal["force"] = True
     shared_fs: bool | Literal["auto"] = "auto"
+    keep_stage_checkpoints: bool = False
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ModelSection:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     trust_remote_code: bool = False
     chat_template: str | None = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 @dataclass
@@ -82,6 +85,9 @@ class TrainSection:
     log_every_steps: int = 5
     group_by_length: bool = False
     on_nonfinite: Literal["error", "skip"] = "error"
+    logprobs: Literal["auto", "fused_linear", "logits"] = "auto"
+    gradient_checkpointing: bool = False
+    max_tokens_per_micro_batch: int = 0
 
 
 @dataclass
@@ -182,6 +188,7 @@ class MonitorSection:
     accuracy_matrix_scalars: bool = True
     jsonl: bool = True
     wandb: str | None = None
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -460,10 +467,17 @@ def validate(cfg: RunConfig) -> None:
     for name in ("micro_batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"{cfg.source}: train.{name} must be >= 1")
+    if t.max_tokens_per_micro_batch < 0:
+        raise ConfigError(f"{cfg.source}: train.max_tokens_per_micro_batch must be >= 0 (0 = no token budget)")
     if t.epochs < 1 and t.max_steps < 1:
         raise ConfigError(f"{cfg.source}: set train.epochs >= 1 or train.max_steps >= 1")
     if len(t.betas) != 2:
         raise ConfigError(f"{cfg.source}: train.betas needs two values")
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            f"{cfg.source}: model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
+            f"not installed; use sdpa"
+        )
     if cfg.data.max_seq_len < 4:
         raise ConfigError(f"{cfg.source}: data.max_seq_len must be >= 4")
     if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1:

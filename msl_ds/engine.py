@@ -9,6 +9,7 @@ written non-atomically and would point at a half-written tag after a crash.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ import torch
 from msl_ds import distributed as D
 from msl_ds.config import RunConfig, TrainSection
 from msl_ds.fault import maybe_fault
-from msl_ds.io import read_json, write_json
+from msl_ds.io import marker_ok, read_json, write_json
 from msl_ds.modeling import load_model
 from msl_ds.trainer import lr_lambda
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(cfg: RunConfig, ds_config: dict[str, Any], model_path: str | Path, total_steps: int = 1):
@@ -30,9 +33,19 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], model_path: str | Pa
     has generated (augmentation): :func:`set_total_steps` fixes the schedule before training.
     """
     model, pad = load_model(
-        model_path, ds_config, cfg.model.dtype, cfg.model.trust_remote_code, max_seq_len=cfg.data.max_seq_len
+        model_path,
+        ds_config,
+        cfg.model.dtype,
+        cfg.model.trust_remote_code,
+        max_seq_len=cfg.data.max_seq_len,
+        attn_implementation=cfg.model.attn_implementation,
     )
     t = cfg.train
+    if t.gradient_checkpointing:
+        # transformers' own, non-reentrant: recomputation re-enters ZeRO-3's module hooks, which
+        # gather each layer's parameters again in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        log.info("gradient checkpointing on (non-reentrant)")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = D.make_optimizer(params, ds_config, t.lr, t.betas, t.eps, t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total_steps))
@@ -50,6 +63,13 @@ def set_total_steps(engine, train: TrainSection, total_steps: int) -> None:
     for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["lr"] = base * fn(0)
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+def stage_done(stage_dir: str | Path) -> bool:
+    """Whether ``stage_dir``'s marker vouches for its files: checked on rank 0 only (the files are
+    read once, not once per rank), the verdict broadcast so that every rank decides alike."""
+    ok = marker_ok(stage_dir) if D.is_rank0() else None
+    return bool(D.broadcast_object(ok))
 
 
 class CheckpointWorldSizeError(RuntimeError):
@@ -87,6 +107,13 @@ class Checkpoints:
             for old in self.root.iterdir():  # only now is the previous checkpoint redundant
                 if old.is_dir() and old.name.startswith("step_") and old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
+        D.barrier()
+
+    def discard(self) -> None:
+        """Delete the stage's checkpoints (rank 0; every rank waits): call only once the stage's
+        export and marker are written, when nothing can resume from them any more."""
+        if D.is_rank0() and self.root.exists():
+            shutil.rmtree(self.root)
         D.barrier()
 
     def load(self, engine) -> dict[str, Any] | None:

@@ -119,11 +119,13 @@ def load_model(
     dtype: str = "fp32",
     trust_remote_code: bool = False,
     max_seq_len: int | None = None,
+    attn_implementation: str | None = None,
 ):
     """Load a causal LM, partitioned as it loads when ZeRO-3 is on (``max_seq_len``: see
     :func:`check_model_dir`).
 
-    Returns ``(model, pad_token_id)``. transformers' ``_init_weights`` zeroes
+    ``attn_implementation``: ``sdpa`` | ``eager`` | ``flash_attention_2`` (``None``: transformers'
+    default). Returns ``(model, pad_token_id)``. transformers' ``_init_weights`` zeroes
     ``weight[padding_idx]`` of embeddings, which fails on an empty ZeRO-3 partition (IndexError,
     seen with transformers 5.24), so the model is built with ``pad_token_id=None`` and the pad id
     is handed back to the caller for generation and restored on export.
@@ -137,7 +139,11 @@ def load_model(
     config.pad_token_id = None
     keep_alive = D.hf_deepspeed_config(ds_config) if _zero3(ds_config) else None  # noqa: F841
     model = AutoModelForCausalLM.from_pretrained(
-        str(p), config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        str(p),
+        config=config,
+        dtype=DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
     )
     del keep_alive
     model.config.use_cache = True

@@ -28,7 +28,8 @@ from msl_ds.chat import answer_ids
 from msl_ds.data import DataError, Example, collate, encode_example
 from msl_ds.evaluation import is_correct
 from msl_ds.generation import GenConfig, generate
-from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, sequence_logprobs
+from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT
+from msl_ds.logprobs import AnswerLogprobs
 
 LABELS = ("known", "conflict", "unknown")
 
@@ -174,13 +175,19 @@ def sharded_forward(engine, items: list[Any], fn: Callable[[list[Any]], list[Any
     return [v for _, v in sorted(D.gather_shards(results), key=lambda x: x[0])]
 
 
-def reference_logps(engine, examples: list[Example], pad_id: int, batch_size: int) -> list[float]:
-    """log π_ref(answer | prompt) of each example with the engine's current (stage-start) weights."""
+def reference_logps(
+    engine, examples: list[Example], pad_id: int, batch_size: int, logprobs: str = "auto"
+) -> list[float]:
+    """log π_ref(answer | prompt) of each example with the engine's current (stage-start) weights.
+
+    ``logprobs`` (``train.logprobs``) picks the path, the one training takes, so that the
+    reference and the policy's log-probs are computed alike.
+    """
+    answer = AnswerLogprobs(engine, logprobs)
 
     def logps(batch: list[Example]) -> list[float]:
         b = {k: v.to(D.device()) for k, v in collate(batch, pad_id).items()}
-        out = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        lp, _ = sequence_logprobs(out.logits, b["labels"], b["labels"] != -100)
+        lp, _ = answer(b["input_ids"], b["attention_mask"], b["labels"])
         return lp.float().cpu().tolist()
 
     return sharded_forward(engine, examples, logps, batch_size)
@@ -214,7 +221,7 @@ def describe(model, tokenizer, pad_id, subjects: list[str], prompt: str, gen: Ge
 
 def probe_stage(
     engine, tokenizer, pad_id, rows: list[dict[str, Any]], pbl, gen: GenConfig, seed: int, max_len: int,
-    background_prompt: str = "",
+    background_prompt: str = "", logprobs: str = "auto",
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Probe every training row: candidates, roles, labels and reference log-probs (all ranks).
 
@@ -247,7 +254,7 @@ def probe_stage(
     sims = iter(similarities(pbl.embedder, engine, tokenizer, pairs, pbl.batch_size))
     for r in out:
         r["candidates"] = [_candidate(r["answer"], c, next(sims), pbl) for c in r["candidates"]]
-    _attach_reference(engine, tokenizer, pad_id, out, max_len, pbl.batch_size)
+    _attach_reference(engine, tokenizer, pad_id, out, max_len, pbl.batch_size, logprobs)
     return out
 
 
@@ -256,7 +263,9 @@ def _candidate(gold: str, text: str, sim: float, pbl) -> dict[str, Any]:
     return {"text": text, "sim": sim, "role": "aligned" if aligned else "conflict"}
 
 
-def _attach_reference(engine, tokenizer, pad_id, out: list[dict[str, Any]], max_len: int, batch_size: int) -> None:
+def _attach_reference(
+    engine, tokenizer, pad_id, out: list[dict[str, Any]], max_len: int, batch_size: int, logprobs: str = "auto"
+) -> None:
     """Store log π_ref for the gold and each candidate; drop candidates that do not fit max_len."""
     seqs: list[tuple[dict[str, Any], Example]] = []
     for r in out:
@@ -270,7 +279,7 @@ def _attach_reference(engine, tokenizer, pad_id, out: list[dict[str, Any]], max_
             kept.append(c)
             seqs.append((c, ex))
         r["candidates"] = kept
-    logps = reference_logps(engine, [e for _, e in seqs], pad_id, batch_size)
+    logps = reference_logps(engine, [e for _, e in seqs], pad_id, batch_size, logprobs)
     for (obj, _), lp in zip(seqs, logps):
         obj["ref_logp"] = lp
 

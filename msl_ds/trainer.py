@@ -22,11 +22,14 @@ import numpy as np
 import torch
 
 from msl_ds import distributed as D
+from msl_ds.batching import filler, token_micro_batches
 from msl_ds.config import TrainSection
 from msl_ds.data import Example, collate, flatten, micro_batches
 from msl_ds.fault import maybe_fault
-from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, LossConfig, preference_loss
+from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, LossConfig, preference_loss_from_logps
+from msl_ds.logprobs import AnswerLogprobs
 from msl_ds.monitor import Monitor, progress
+from msl_ds.telemetry import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ def lr_lambda(cfg: TrainSection, total_steps: int) -> Callable[[int], float]:
 TERMS = {"pp": "aligned", "np": "conflict", "dpo": "pairs", "ipo": "pairs"}
 # what one step accumulates across micro-batches and ranks (margin sums and row counts, term sums)
 TALLY = ("loss", "r_aligned", "aligned", "r_conflict", "conflict", "pairs", *(f"loss_{t}" for t in TERMS))
+# processed positions (rows x padded length), non-padding positions, and positions x padded length
+TOKENS = ("tok_all", "tok_real", "tok_seq")
 
 
 def group_counts(groups: list[Example]) -> dict[str, int]:
@@ -109,6 +114,17 @@ class StageTrainer:
     loss_cfg: LossConfig = field(default_factory=LossConfig)
     history: list[dict[str, float]] = field(default_factory=list)
     _window: list[dict[str, float]] = field(default_factory=list)
+    _logprobs: AnswerLogprobs | None = None
+    peak_tflops: float = 0.0  # monitor.peak_tflops (0: the device table)
+    _throughput: Throughput | None = None
+    _t_log: float = 0.0
+
+    @property
+    def logprobs(self) -> AnswerLogprobs:
+        """The answer log-prob path of ``train.logprobs`` (built on first use)."""
+        if self._logprobs is None:
+            self._logprobs = AnswerLogprobs(self.engine, self.cfg.logprobs)
+        return self._logprobs
 
     def run(self, start_step: int = 0) -> dict[str, float]:
         """Train from ``start_step`` to the end of the plan; returns summary statistics."""
@@ -116,21 +132,29 @@ class StageTrainer:
         t0, tokens, last_loss, skipped = time.time(), 0, float("nan"), 0
         last: list[dict[str, float]] = []  # the final step's tally: its margins go to the stage metrics
         steps = range(start_step, len(self.plan))
+        self._throughput = Throughput.for_model(self.engine.module, w, self.peak_tflops)
+        self._t_log = time.time()
         for step in progress(steps, desc=f"stage {self.stage} train", total=len(steps)):
             maybe_fault("train", stage=self.stage, step=step)
-            mbs = micro_batches(self.plan[step], self.cfg.micro_batch_size, self.cfg.grad_accum, w, r)
+            mbs = self._forwards(self.plan[step], w, r)
             batch_tokens = sum(self._answer_tokens(i) for i in self.plan[step])
             normaliser = batch_tokens / (w * self.cfg.grad_accum)
             counts = group_counts([self.examples[i] for i in self.plan[step]])
-            tally = dict.fromkeys(TALLY, 0.0)
+            tally = dict.fromkeys(TALLY + TOKENS, 0.0)
             for k, mb in enumerate(mbs):
                 # one engine.step() per global batch: tell DeepSpeed which backward closes the
                 # accumulation window (its own micro-step count would apply only every
                 # grad_accum-th step() call)
                 D.set_accumulation_boundary(self.engine, k + 1 == len(mbs))
-                for name, v in self._micro_step([self.examples[i] for i in mb], normaliser, counts).items():
+                fill = mb is None  # a filler forward (token budgets: every rank runs as many)
+                if fill:
+                    mb = filler(self.plan[step], self.cfg.micro_batch_size, self.cfg.grad_accum, w, r, self.examples)
+                for name, v in self._micro_step([self.examples[i] for i in mb], normaliser, counts, fill).items():
                     tally[name] += v
-            tally = dict(zip(TALLY, D.all_reduce_sum([tally[k] for k in TALLY])))
+            keys = TALLY + TOKENS
+            tally = dict(zip(keys, D.all_reduce_sum([tally[k] for k in keys])))
+            self._throughput.add(tally["tok_all"], tally["tok_real"], tally["tok_seq"] / max(tally["tok_all"], 1.0))
+            self._throughput.steps += 1
             total = tally["loss"] / w  # = global token-mean NLL of the step (+ preference terms)
             if not math.isfinite(total) and self.cfg.on_nonfinite == "error":
                 raise NonFiniteLossError(self._nonfinite_message(step, f"non-finite loss {total}"))
@@ -157,6 +181,15 @@ class StageTrainer:
             "train_skipped_steps": D.skipped_steps(self.engine, skipped),
             **self._pbl_values(last, prefix=""),
         }
+
+    def _forwards(self, batch: list[int], w: int, r: int) -> list[list[int] | None]:
+        """This rank's forwards of a global batch: its micro-batches, cut by the token budget
+        (``train.max_tokens_per_micro_batch``) when one is set."""
+        micro, accum = self.cfg.micro_batch_size, self.cfg.grad_accum
+        budget = self.cfg.max_tokens_per_micro_batch
+        if budget > 0:
+            return token_micro_batches(batch, micro, accum, w, r, self.examples, budget)
+        return list(micro_batches(batch, micro, accum, w, r))
 
     def _nonfinite_message(self, step: int, what: str) -> str:
         return (
@@ -195,11 +228,20 @@ class StageTrainer:
         """Gold answer tokens of example ``i`` (a group's candidates do not count)."""
         return sum(1 for x in self.examples[i].labels if x != -100)
 
-    def _micro_step(self, groups: list[Example], normaliser: float, counts: dict[str, int]) -> dict[str, float]:
+    def _micro_step(
+        self, groups: list[Example], normaliser: float, counts: dict[str, int], fill: bool = False
+    ) -> dict[str, float]:
+        """Forward and backward of one micro-batch; its share of the step's tally.
+
+        ``fill``: a filler forward (see :mod:`msl_ds.batching`): the collectives run, the loss is
+        multiplied by zero and nothing is tallied.
+        """
         rows, chosen, rejected = flatten(groups)
         batch = {k: v.to(D.device()) for k, v in collate(rows, self.pad_id).items()}
-        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         labels = batch["labels"]
+        # logits path: they feed nothing but this loss, so its backward may overwrite them with
+        # their gradient instead of allocating a second [B, T, V] buffer
+        logps, n_tokens = self.logprobs(batch["input_ids"], batch["attention_mask"], labels, inplace_backward=True)
         roles = torch.tensor([x.role for x in rows], dtype=torch.long, device=labels.device)
         ref = torch.tensor([x.ref_logp for x in rows], dtype=torch.float32, device=labels.device)
         weights = torch.tensor([x.weight for x in rows], dtype=torch.float32, device=labels.device)
@@ -211,20 +253,12 @@ class StageTrainer:
                 "chosen_idx": torch.tensor(chosen, dtype=torch.long),
                 "rejected_idx": torch.tensor(rejected, dtype=torch.long),
             }
-        # the logits feed nothing but this loss, so its backward may overwrite them with their
-        # gradient instead of allocating a second [B, T, V] buffer
-        loss, metrics = preference_loss(
-            out.logits,
-            labels,
-            labels != -100,
-            roles,
-            ref,
-            cfg,
-            weights=weights,
-            token_normalizer=normaliser,
-            inplace_backward=True,
-            **pairs,
+        loss, metrics = preference_loss_from_logps(
+            logps, n_tokens, roles, ref, cfg, weights=weights, token_normalizer=normaliser, **pairs
         )
+        if fill:
+            self.engine.backward(loss * 0.0)
+            return {}
         value = loss.detach().item()
         if not math.isfinite(value) and self.cfg.on_nonfinite == "skip":
             # NaN times anything is NaN: every gradient of this backward becomes NaN, so DeepSpeed's
@@ -234,6 +268,12 @@ class StageTrainer:
         # report the un-normalised share of the global mean (what this rank contributed)
         margin = (metrics["logps"].float() - ref).cpu()
         tally = {"loss": value / self.cfg.grad_accum, **{k: float(v) for k, v in local.items()}}
+        ids = batch["input_ids"]
+        tally.update(
+            tok_all=float(ids.numel()),
+            tok_real=float(batch["attention_mask"].sum()),
+            tok_seq=float(ids.numel() * ids.shape[1]),
+        )
         for name, role in (("aligned", ROLE_ALIGNED), ("conflict", ROLE_CONFLICT)):
             tally[f"r_{name}"] = float(margin[roles.cpu() == role].sum())
         for t, c in TERMS.items():
@@ -253,10 +293,19 @@ class StageTrainer:
         if gn is not None:
             values["train/grad_norm"] = float(gn)
         values.update(self._pbl_values(self._window))
+        now = time.time()
+        rates = self._throughput.report(now - self._t_log) if self._throughput is not None else {}
+        self._t_log = now
+        values.update({f"train/{k}": v for k, v in rates.items()})
         self._window = []
         self.monitor.scalars(values, gs)
         self.history.append({"step": step + 1, **{k.split("/")[1]: v for k, v in values.items()}})
-        log.info("stage %d step %d/%d loss %.4f lr %.2e", self.stage, step + 1, len(self.plan), loss, lr)
+        log.info(
+            "stage %d step %d/%d loss %.4f lr %.2e | %.0f tok/s (%.0f non-pad) | %.2f s/step | MFU %.1f%% | peak %.2f GiB",
+            self.stage, step + 1, len(self.plan), loss, lr, rates.get("tokens_per_s_all", float("nan")),
+            rates.get("tokens_per_s_nonpad", float("nan")), rates.get("step_time_s", float("nan")),
+            100 * rates.get("mfu", float("nan")), rates.get("peak_mem_gib", float("nan")),
+        )  # fmt: skip
 
     def _pbl_values(self, tallies: list[dict[str, float]], prefix: str = "train/") -> dict[str, float]:
         """Mean log-ratio margins and preference-term values over ``tallies`` (steps)."""

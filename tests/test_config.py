@@ -17,7 +17,20 @@ DS_CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
 def test_ds_configs_exist():
     names = {p.name for p in DS_CONFIGS}
     assert {"zero3.json", "zero3_offload.json", "zero2.json"} <= names
-    assert "run_cpu_default.yaml" in {p.name for p in RUN_CONFIGS}
+    assert {"run_cpu_default.yaml", "run_gpu_8b.yaml"} <= {p.name for p in RUN_CONFIGS}
+    assert "zero3_gpu.json" in names
+
+
+def test_gpu_configs_are_gpu_shaped():
+    """The 8B run: bf16 through ZeRO-3 on GPUs, fused lm-head, checkpointing, a token budget."""
+    cfg = load_config(CONFIG_DIR / "run_gpu_8b.yaml")
+    ds = load_deepspeed_config(cfg, world_size=8)
+    z = ds["zero_optimization"]
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and cfg.deepspeed.backend == "nccl"
+    assert z["stage"] == 3 and z["overlap_comm"] and z["zero_hpz_partition_size"] >= 1
+    t = cfg.train
+    assert t.logprobs == "fused_linear" and t.gradient_checkpointing and t.max_tokens_per_micro_batch > 0
+    assert cfg.data.max_seq_len >= 1024 and t.lr <= 2e-5 and not cfg.run.keep_stage_checkpoints
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
@@ -35,6 +48,10 @@ def test_deepspeed_config_loads(path: Path):
     assert zero_stage(ds) in (2, 3)
     assert ds["gradient_accumulation_steps"] == cfg.train.grad_accum
     assert ds["gradient_clipping"] == cfg.train.grad_clip
+    # DeepSpeed's own schema (extra keys forbidden): a misspelt setting fails here, not on a cluster
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    DeepSpeedZeroConfig(**ds["zero_optimization"])
     if "offload" in path.name:
         assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
         assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"

@@ -55,6 +55,7 @@ def test_every_kill_point_resumes_to_the_uninterrupted_metrics(msl_run, tiny_wor
     run(cmd)
     assert (out / "stage_01" / "metrics.json").read_text() == stage1  # the finished stage was skipped
     assert_same_metrics(stable(msl_run), stable(out), 2)
+    assert not (out / "stage_02" / "ckpt").exists()  # resumed to the end: the checkpoint went with the marker
     for name in ("probe.jsonl", "augment.jsonl"):
         assert (out / "stage_02" / name).read_text() == (msl_run / "stage_02" / name).read_text()
     assert len(survived) == len(KILLS) == 7

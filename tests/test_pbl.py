@@ -114,11 +114,13 @@ def direct_loss(model, groups: list[Example], cfg: LossConfig) -> torch.Tensor:
     return loss
 
 
-def run_trainer(model, groups, cfg: LossConfig, micro: int, accum: int, steps: int = 1, lr: float = 0.0):
+def run_trainer(
+    model, groups, cfg: LossConfig, micro: int, accum: int, steps: int = 1, lr: float = 0.0, budget: int = 0
+):
     set_progress(False)
     engine = PlainEngine(model, accum, lr)
     plan = [list(range(len(groups)))] * steps
-    train = TrainSection(micro_batch_size=micro, grad_accum=accum, log_every_steps=1)
+    train = TrainSection(micro_batch_size=micro, grad_accum=accum, log_every_steps=1, max_tokens_per_micro_batch=budget)
     trainer = StageTrainer(engine, train, groups, plan, 0, 1, Monitor("", enabled=False), lambda s: None, loss_cfg=cfg)
     stats = trainer.run()
     return engine, stats
@@ -218,3 +220,20 @@ def test_probe_metrics_against_oracle():
     assert m["conflict_precision"] == 0.5 and m["conflict_recall"] == 0.5
     assert (m["probe_known"], m["probe_conflict"], m["probe_unknown"]) == (1, 2, 1)
     assert (m["probe_aligned"], m["probe_conflicting"], m["probe_oracle_conflicts"]) == (1, 1, 2)
+
+
+def test_token_budget_gives_the_same_step():
+    """train.max_tokens_per_micro_batch cuts micro-batches into more forwards; the step's loss and
+    gradient are those of the uncut micro-batches (every term is a share of the global step)."""
+    groups = make_groups(8, seed=3)
+    cfg = LossConfig(sft=1.0, pp=0.3, np=0.2, pbl_form="sigmoid", dpo=0.1)
+    calls = []
+    plain, stats = run_trainer(tiny_model(), groups, cfg, micro=4, accum=2)
+    model = tiny_model()
+    forward = model.forward
+    model.forward = lambda **kw: (calls.append(kw["input_ids"].numel()), forward(**kw))[1]
+    cut, cut_stats = run_trainer(model, groups, cfg, micro=4, accum=2, budget=40)
+    assert len(calls) > 2  # more forwards than the 2 accumulation slots: the budget did cut
+    assert cut_stats["train_loss"] == pytest.approx(stats["train_loss"], rel=1e-10)
+    for n, g in plain.grads[0].items():
+        torch.testing.assert_close(cut.grads[0][n], g, rtol=1e-9, atol=1e-12, msg=n)

@@ -24,6 +24,8 @@ def test_msl_stage_writes_probe_and_pbl_metrics(msl_run):
 
     sdir = msl_run / "stage_01"
     assert marker_ok(sdir) and {"probe.jsonl", "augment.jsonl"} <= set(read_json(sdir / "DONE.json")["files"])
+    # run.keep_stage_checkpoints=false (the default): the optimizer checkpoint went with the marker
+    assert not (sdir / "ckpt").exists() and not (msl_run / "stage_02" / "ckpt").exists()
     probed = read_jsonl(sdir / "probe.jsonl")
     assert probed and all("ref_logp" in c for r in probed for c in r["candidates"])
     m = read_json(sdir / "metrics.json")

@@ -40,6 +40,21 @@ def valid_token_mask(targets: Tensor, mask: Tensor, ignore_index: int) -> Tensor
     return mask.bool() & (targets != ignore_index)
 
 
+def check_targets(targets: Tensor, valid: Tensor, vocab: int) -> None:
+    """Refuse a target id outside ``[0, vocab)`` at a valid position (one host sync).
+
+    Triton would read such a column out of bounds without a word, and a clamp would score the
+    wrong token; the ids come from a tokenizer that does not match the model's vocabulary.
+    """
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        n, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"target id {int(targets[n, t])} at row {n}, position {t} is outside the vocabulary [0, {vocab}) "
+            f"({int(bad.sum())} such targets): the tokenizer and the model's lm-head disagree on the vocabulary"
+        )
+
+
 def chunk_rows_for(vocab: int, chunk_elems: int | None) -> int:
     elems = DEFAULT_CHUNK_ELEMS if chunk_elems is None else int(chunk_elems)
     return max(1, elems // max(int(vocab), 1))
@@ -144,6 +159,7 @@ def chunked_sequence_logprobs(
     Returns ``(logps [N], n_tokens [N])`` in fp32 (fp64 for fp64 logits).
     """
     valid = valid_token_mask(targets, mask, ignore_index)
+    check_targets(targets, valid, logits.shape[-1])
     n_tokens = valid.sum(1).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     rows = chunk_rows_for(logits.shape[-1], chunk_elems)
     logps = _ChunkedSequenceLogprobs.apply(logits, targets, valid, rows, bool(inplace_backward))

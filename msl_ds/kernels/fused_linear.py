@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .chunked import valid_token_mask
+from .chunked import check_targets, valid_token_mask
 
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_CHUNK_VOCAB = 8192
@@ -109,7 +109,9 @@ def _torch_forward(h_all, w, b, tgt, chunk_tokens, chunk_vocab, acc, keep, kept)
             _remember(kept, keep, (s, v0), zr)
             z = zr.to(acc)  # (nothing below writes into z: a kept zr stays intact)
             m_new = torch.maximum(m, z.amax(dim=1))
-            ssum = ssum * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+            # rows still all -inf (a masked-out vocabulary range) shift by 0: no (-inf) - (-inf)
+            m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+            ssum = ssum * torch.exp(m - m_safe) + torch.exp(z - m_safe[:, None]).sum(1)
             m = m_new
             inside = (tg >= v0) & (tg < v1)
             zt = z.gather(1, (tg - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
@@ -202,7 +204,9 @@ class _FusedLinearSequenceLogprobs(torch.autograd.Function):
         h_all = hidden[n_idx, t_idx]
         g_tok = g_seq.to(acc)[n_idx]
         gh = torch.zeros(M, H, dtype=acc, device=hidden.device) if need_h else None
-        gw = torch.empty_like(weight) if need_w else None
+        # d W is written block by block below; with no valid token (M == 0) no block is written,
+        # so the buffer must start at zero (an empty one would hand back uninitialised memory)
+        gw = (torch.zeros_like(weight) if M == 0 else torch.empty_like(weight)) if need_w else None
         gb = torch.empty_like(bias) if (need_b and ctx.has_bias) else None
         ct, cv = ctx.chunk_tokens, ctx.chunk_vocab
         one_token_chunk = M <= ct
@@ -279,6 +283,8 @@ def fused_linear_sequence_logprobs(
     if chunk_vocab is None:
         chunk_vocab = TRITON_CHUNK_VOCAB if backend == "triton" else DEFAULT_CHUNK_VOCAB
     valid = valid_token_mask(targets, mask, ignore_index)
+    if weight.dim() == 2:  # (else the autograd function says the weight was not gathered)
+        check_targets(targets, valid, weight.shape[0])
     n_tokens = valid.sum(1).to(_acc(hidden.dtype))
     logps = _FusedLinearSequenceLogprobs.apply(
         hidden,

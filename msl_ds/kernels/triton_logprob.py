@@ -33,6 +33,8 @@ import os
 import torch
 from torch import Tensor
 
+from .chunked import check_targets
+
 _KERNEL_CACHE: dict = {}
 
 
@@ -81,13 +83,15 @@ def _build_kernels():
         cols = tl.arange(0, BLOCK_V)
         m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
         s = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
-        # online logsumexp, one exp per element; the first block of a valid row always
-        # holds a finite value, so exp(m - m_new) never sees (-inf) - (-inf).
+        # online logsumexp, one exp per element; a block may be all -inf (a masked-out
+        # vocabulary range), so the running max is shifted to 0 while it is still -inf:
+        # exp(m - m_new) must never see (-inf) - (-inf) = NaN
         for b in range(0, n_blocks):
             offs = b * BLOCK_V + cols
             x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
             m = m_new
         lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)
         safe_tgt = tl.where(valid, tgt, 0)
@@ -159,11 +163,13 @@ def _build_kernels():
             offs = start + cols
             x = tl.load(base + offs, mask=offs < Vc, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no NaN
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
             m = m_new
         lse_c = m + tl.log(s)
         prev = tl.load(lse_ptr + row)
         top = tl.maximum(prev, lse_c)
+        top = tl.where(top == float("-inf"), 0.0, top)  # both -inf (the first chunks masked out)
         tl.store(lse_ptr + row, top + tl.log(tl.exp(prev - top) + tl.exp(lse_c - top)))
         rel = tl.load(tgt_ptr + row).to(tl.int64) - v0
         inside = (rel >= 0) & (rel < Vc)
@@ -334,6 +340,7 @@ def triton_sequence_logprobs(
     if targets.dtype not in (torch.int32, torch.int64):
         targets = targets.long()
     valid = mask.bool() & (targets != ignore_index)
+    check_targets(targets, valid, logits.shape[-1])
     n_tokens = valid.sum(1).float()
     logps = _TritonSequenceLogprobs.apply(logits, targets, mask_u8, int(ignore_index), bool(inplace_backward), block_v)
     return logps, n_tokens

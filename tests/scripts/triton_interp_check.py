@@ -22,7 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # repo root
 
 import torch  # noqa: E402
 import triton.language  # noqa: E402,F401  (imported *after* TRITON_INTERPRET=1)
-from test_kernels import check_fused_linear, check_logprob_fn  # noqa: E402
+from test_kernels import (  # noqa: E402
+    check_fused_linear,
+    check_fused_linear_masked_first_chunk,
+    check_logprob_fn,
+    check_masked_first_block,
+)
 
 from msl_ds.kernels import sequence_logprobs  # noqa: E402
 from msl_ds.kernels import triton_logprob as tlp  # noqa: E402
@@ -31,6 +36,7 @@ from msl_ds.kernels import triton_logprob as tlp  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--only", default=None, help="run the cases whose name contains this text")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
@@ -74,8 +80,35 @@ def main() -> int:
         ("fused-linear bf16 bias, 7x50 blocks", fused_linear(torch.bfloat16, True, 7), {}),
         ("fused-linear fp32 bias, 7x50 blocks, 3 kept", fused_linear(torch.float32, True, 7, keep_blocks=3), {}),
     ]
+    cases += [
+        (
+            "fp32 first vocab block all -inf (2,5,70) block 32",
+            lambda: check_masked_first_block(
+                lambda x, t, m: tlp.triton_sequence_logprobs(x, t, m, block_v=32), torch.float32, 32, seed
+            ),
+            {},
+        ),
+        (
+            "fused-linear fp32, first vocab chunks -inf",
+            lambda: check_fused_linear_masked_first_chunk(seed, "triton"),
+            {},
+        ),
+    ]
+
+    def refuses_bad_target():
+        x, t, m = torch.randn(2, 4, 40), torch.randint(0, 40, (2, 4)), torch.ones(2, 4, dtype=torch.bool)
+        t[1, 2] = 40
+        try:
+            tlp.triton_sequence_logprobs(x, t, m)
+        except ValueError as exc:
+            assert "target id 40 at row 1, position 2" in str(exc), exc
+        else:
+            raise AssertionError("an out-of-range target id was not refused")
+
+    cases += [("out-of-range target id refused", refuses_bad_target, {})]
+    only = [c for c in cases if args.only is None or args.only in c[0]]
     failed = 0
-    for name, fn, kw in cases:
+    for name, fn, kw in only:
         try:
             if kw:
                 N, T, V, dtype = kw.pop("N"), kw.pop("T"), kw.pop("V"), kw.pop("dtype")
