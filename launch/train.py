@@ -34,7 +34,7 @@ from msl_ds.io import marker_ok, read_json, read_jsonl, write_json, write_jsonl,
 from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
-from msl_ds.probe import attach_candidates, probe_metrics, probe_seed, probe_stage  # noqa: E402
+from msl_ds.probe import GoldIndex, attach_candidates, mark_push_down, probe_metrics, probe_seed, probe_stage  # noqa: E402
 from msl_ds.trainer import StageTrainer, rng_state, set_rng_state  # noqa: E402
 
 log = logging.getLogger("msl_ds")
@@ -47,6 +47,11 @@ PROBE_KEYS = {
     "probe_oracle_conflicts",
     "conflict_precision",
     "conflict_recall",
+    "np_pushed",
+    "np_pushed_stale",
+    "np_pushed_gold",
+    "np_protected",
+    "np_margin_before",
 }
 
 
@@ -275,6 +280,8 @@ class Recipe:
                 write_jsonl(path, out)
             D.barrier()
         probed = read_jsonl(path)
+        # what L_NP may push down: never the current gold of a fact trained so far (train rows only)
+        mark_push_down(probed, self.cfg.pbl, GoldIndex(self.world.state(t, ("train",), self.stages).gold))
         m = probe_metrics(probed)
         log.info(
             "stage %d probe: %d known, %d conflict, %d unknown; conflict precision %.3f recall %.3f",

@@ -101,13 +101,15 @@ class PblSection:
     subject_check: bool = True
     subject_max_new_tokens: int = 64
     max_candidates: int = 0
-    np_scope: Literal["all", "conflict"] = "all"
+    np_scope: Literal["all", "conflict", "stale"] = "stale"
+    protect_golds: bool = True
+    np_mask_prefix: bool = True
     gamma: float = 1.0
     alpha: float = 0.1
     beta: float = 0.1
     form: Literal["raw", "sigmoid"] = "sigmoid"
     beta_sigmoid: float = 1.0
-    paired: Literal["none", "dpo", "ipo"] = "none"
+    paired: Literal["none", "dpo", "ipo", "hinge"] = "none"
     paired_weight: float = 0.1
     paired_beta: float = 0.1
 

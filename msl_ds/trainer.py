@@ -55,7 +55,7 @@ def lr_lambda(cfg: TrainSection, total_steps: int) -> Callable[[int], float]:
 
 
 # preference terms, with the count their per-micro-batch mean is taken over
-TERMS = {"pp": "aligned", "np": "conflict", "dpo": "pairs", "ipo": "pairs"}
+TERMS = {"pp": "aligned", "np": "conflict", "dpo": "pairs", "ipo": "pairs", "hinge": "pairs"}
 # what one step accumulates across micro-batches and ranks (margin sums and row counts, term sums)
 TALLY = ("loss", "r_aligned", "aligned", "r_conflict", "conflict", "pairs", *(f"loss_{t}" for t in TERMS))
 

@@ -111,6 +111,9 @@ def direct_loss(model, groups: list[Example], cfg: LossConfig) -> torch.Tensor:
     if cfg.ipo:
         h = r[chosen] / ntok[chosen] - r[rejected] / ntok[rejected]
         loss = loss + cfg.ipo * ((h - 1 / (2 * cfg.beta)) ** 2).mean()
+    if cfg.hinge:
+        h = r[chosen] - r[rejected]
+        loss = loss + cfg.hinge * torch.relu(1 - cfg.beta * h).mean()
     return loss
 
 
@@ -131,8 +134,9 @@ def run_trainer(model, groups, cfg: LossConfig, micro: int, accum: int, steps: i
         LossConfig(sft=0.3, pp=1.0, np=2.0, pbl_form="sigmoid", pbl_beta=0.5),
         LossConfig(sft=1.0, np=0.2, dpo=0.5, beta=0.3),
         LossConfig(sft=1.0, pp=0.1, ipo=0.5, beta=0.5),
+        LossConfig(sft=1.0, hinge=0.7, beta=0.3),
     ],
-    ids=["raw", "sigmoid", "dpo", "ipo"],
+    ids=["raw", "sigmoid", "dpo", "ipo", "hinge"],
 )
 @pytest.mark.parametrize("micro, accum", [(6, 1), (2, 3), (1, 6)])
 def test_grouped_loss_matches_direct_formulas(cfg, micro, accum):
