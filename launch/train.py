@@ -252,12 +252,14 @@ class Recipe:
     def loss_config(self) -> LossConfig:
         """γ·NLL(gold) + α·L_PP + β·L_NP (+ a paired loss) for msl; plain NLL otherwise."""
         b = self.cfg.pbl
+        norm = self.cfg.train.loss_norm
         if not self.pbl_on():
-            return LossConfig()
+            return LossConfig(norm=norm)
         paired = {b.paired: b.paired_weight} if b.paired != "none" else {}
         return LossConfig(
-            sft=b.gamma, pp=b.alpha, np=b.beta, pbl_form=b.form, pbl_beta=b.beta_sigmoid, beta=b.paired_beta, **paired
-        )
+            sft=b.gamma, pp=b.alpha, np=b.beta, pbl_form=b.form, pbl_beta=b.beta_sigmoid, beta=b.paired_beta,
+            norm=norm, **paired,
+        )  # fmt: skip
 
     def probe(self, engine, pad, t: int) -> list[dict[str, Any]] | None:
         """π_{t-1}'s candidates, conflict labels and reference log-probs for stage t's training rows.

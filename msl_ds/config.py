@@ -76,6 +76,7 @@ class TrainSection:
     log_every_steps: int = 10
     group_by_length: bool = False
     on_nonfinite: Literal["error", "skip"] = "error"
+    loss_norm: Literal["row", "token"] = "row"
 
 
 @dataclass
@@ -191,7 +192,7 @@ class BaseSection:
     out_dir: str = "artifacts/base_default"
     vocab_size: int = 1200
     arch: dict[str, Any] = field(default_factory=lambda: {"model_type": "llama", "hidden_size": 192})
-    train: TrainSection = field(default_factory=TrainSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(loss_norm="token"))
     skills: bool = True
     min_accuracy: float = 0.95
 
