@@ -134,6 +134,9 @@ class AugmentSection:
     expansion: int = 1
     background: bool = True
     rehearsal: bool = True
+    rehearsal_samples: int = 4
+    rehearsal_agree: float = 0.5
+    rehearsal_temperature: float = 0.7
     reach: Literal["stage", "all"] = "all"
     other_subjects: float = 2.0
     temperature: float = 0.7
@@ -399,6 +402,10 @@ def validate(cfg: RunConfig) -> None:
     if b.paired != "none" and b.paired_beta <= 0:
         raise ConfigError(f"{cfg.source}: pbl.paired_beta must be > 0")
     a = cfg.augment
+    if a.rehearsal_samples < 0 or not 0 < a.rehearsal_agree <= 1 or a.rehearsal_temperature <= 0:
+        raise ConfigError(
+            f"{cfg.source}: augment.rehearsal_samples must be >= 0, rehearsal_agree in (0, 1], rehearsal_temperature > 0"
+        )
     if min(a.paraphrase, a.expansion) < 0 or a.other_subjects < 0 or a.batch_size < 1:
         raise ConfigError(f"{cfg.source}: augment.paraphrase/expansion/other_subjects must be >= 0, batch_size >= 1")
     if min(a.max_new_tokens, a.background_max_new_tokens) < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:

@@ -380,6 +380,20 @@ def attach_candidates(examples: list[Example], probed: list[dict[str, Any]], tok
             ex.candidates.append(cand)
 
 
+def pair_margin(engine, tokenizer, pad_id, probed: list[dict[str, Any]], max_len: int, batch_size: int) -> dict:
+    """``np_margin_after``: mean log π(gold) − log π(candidate) over the pushed (gold, candidate)
+    pairs with the engine's current weights (all ranks; one forward over those rows)."""
+    pairs = [(r, c) for r in probed for c in r["candidates"] if c.get("push")]
+    if not pairs:
+        return {}
+    examples = []
+    for r, c in pairs:
+        examples.append(encode_example(tokenizer, r, max_len, "truncate", r["id"]))
+        examples.append(encode_example(tokenizer, {**r, "answer": c["text"]}, max_len, "truncate", r["id"]))
+    lp = reference_logps(engine, examples, pad_id, batch_size)
+    return {"np_margin_after": sum(lp[0::2]) / len(pairs) - sum(lp[1::2]) / len(pairs)}
+
+
 def probe_metrics(probed: list[dict[str, Any]]) -> dict[str, float]:
     """Label counts, candidate counts, and conflict detection against the previous_answer oracle.
 
