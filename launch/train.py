@@ -64,6 +64,7 @@ PROBE_KEYS = {
     "np_pushed_stale",
     "np_pushed_gold",
     "np_protected",
+    "np_pair_only",
     "np_margin_before",
 }
 

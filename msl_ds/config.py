@@ -104,6 +104,7 @@ class PblSection:
     max_candidates: int = 0
     np_scope: Literal["all", "conflict", "stale"] = "stale"
     protect_golds: bool = True
+    pair_protected: bool = False
     np_mask_prefix: bool = True
     gamma: float = 1.0
     alpha: float = 0.1

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from msl_ds.facts import WorldState, fact_key, has_identity
-from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD
+from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD, ROLE_IGNORE
 from msl_ds.modeling import answer_ids, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def flatten(groups: list[Example]) -> tuple[list[Example], list[int], list[int]]:
-    """A micro-batch of groups as rows, plus (gold, conflicting candidate) pair indices."""
+    """A micro-batch of groups as rows, plus (gold, conflicting candidate) pair indices.
+
+    A candidate with ``ROLE_IGNORE`` joins only its pair (no L_PP/L_NP term of its own).
+    """
     rows: list[Example] = []
     chosen: list[int] = []
     rejected: list[int] = []
@@ -376,7 +379,7 @@ def flatten(groups: list[Example]) -> tuple[list[Example], list[int], list[int]]
         gold = len(rows)
         rows.append(g)
         for c in g.candidates:
-            if c.role == ROLE_CONFLICT and g.role == ROLE_GOLD:
+            if c.role in (ROLE_CONFLICT, ROLE_IGNORE) and g.role == ROLE_GOLD:
                 chosen.append(gold)
                 rejected.append(len(rows))
             rows.append(c)

@@ -28,7 +28,7 @@ from msl_ds.data import DataError, Example, collate, encode_example
 from msl_ds.evaluation import is_correct
 from msl_ds.facts import fact_key
 from msl_ds.generation import GenConfig, generate
-from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, sequence_logprobs
+from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, ROLE_IGNORE, sequence_logprobs
 
 LABELS = ("known", "conflict", "unknown")
 
@@ -332,8 +332,10 @@ def mark_push_down(probed: list[dict[str, Any]], pbl, golds: GoldIndex) -> None:
     ``pbl.np_scope``: ``all`` (every conflicting candidate), ``conflict`` (those of facts labelled
     conflict) or ``stale`` (of those, only the model's stale answer: the greedy answer and the
     samples agreeing with it). With ``pbl.protect_golds``, a candidate that equals or contains the
-    current gold of any fact in the training data so far is never pushed down. Sets on each
-    conflicting candidate ``push`` and ``gold_of`` (the other facts whose gold it holds).
+    current gold of any fact in the training data so far is never pushed down; with
+    ``pbl.pair_protected`` such a candidate (in scope) is ``pair_only``: the rejected side of the
+    paired margin loss and nothing else. Sets on each conflicting candidate ``push``,
+    ``pair_only``, ``protected`` and ``gold_of`` (the other facts whose gold it holds).
     """
     for r in probed:
         for c in r["candidates"]:
@@ -349,6 +351,7 @@ def mark_push_down(probed: list[dict[str, Any]], pbl, golds: GoldIndex) -> None:
             own = bool(golds.contains(c["text"]))
             c["push"] = eligible and not (pbl.protect_golds and own)
             c["protected"] = eligible and not c["push"]
+            c["pair_only"] = c["protected"] and pbl.pair_protected
 
 
 # --------------------------------------------------------------------------- training groups and metrics
@@ -357,7 +360,8 @@ def mark_push_down(probed: list[dict[str, Any]], pbl, golds: GoldIndex) -> None:
 def attach_candidates(examples: list[Example], probed: list[dict[str, Any]], tokenizer, max_len: int, pbl) -> None:
     """Turn each example into a group: its probed candidates with roles and reference log-probs.
 
-    Conflicting candidates join only when :func:`mark_push_down` marked them ``push``; with
+    Conflicting candidates join only when :func:`mark_push_down` marked them ``push`` (or
+    ``pair_only``, as pair members, when a paired loss is configured); with
     ``pbl.np_mask_prefix`` their tokens shared with the gold are masked (and the reference is
     the one over the same tokens).
     """
@@ -371,19 +375,21 @@ def attach_candidates(examples: list[Example], probed: list[dict[str, Any]], tok
         for c in rec["candidates"]:
             role = ROLE_ALIGNED if c["role"] == "aligned" else ROLE_CONFLICT
             if role == ROLE_CONFLICT and not c["push"]:
-                continue
+                if not (c.get("pair_only") and pbl.paired != "none"):
+                    continue
+                role = ROLE_IGNORE  # the rejected side of the paired loss only
             cand = encode_example(tokenizer, {**ex.row, "answer": c["text"]}, max_len, "truncate", ex.row["id"])
             cand.role, cand.ref_logp = role, c["ref_logp"]
-            if role == ROLE_CONFLICT and pbl.np_mask_prefix:
+            if role != ROLE_ALIGNED and pbl.np_mask_prefix:
                 mask_shared_prefix(cand, ex)
                 cand.ref_logp = c["ref_logp_masked"]
             ex.candidates.append(cand)
 
 
 def pair_margin(engine, tokenizer, pad_id, probed: list[dict[str, Any]], max_len: int, batch_size: int) -> dict:
-    """``np_margin_after``: mean log π(gold) − log π(candidate) over the pushed (gold, candidate)
-    pairs with the engine's current weights (all ranks; one forward over those rows)."""
-    pairs = [(r, c) for r in probed for c in r["candidates"] if c.get("push")]
+    """``np_margin_after``: mean log π(gold) − log π(candidate) over the pushed (or pair-only)
+    (gold, candidate) pairs with the engine's current weights (all ranks; one forward over those rows)."""
+    pairs = [(r, c) for r in probed for c in r["candidates"] if c.get("push") or c.get("pair_only")]
     if not pairs:
         return {}
     examples = []
@@ -402,8 +408,9 @@ def probe_metrics(probed: list[dict[str, Any]]) -> dict[str, float]:
     pushes down (after :func:`mark_push_down`): ``np_pushed`` candidates, of which
     ``np_pushed_stale`` give the row's previous answer (the oracle: a diagnostic only) and
     ``np_pushed_gold`` hold another fact's current gold; ``np_protected`` were kept out because
-    they hold a gold; ``np_margin_before``: mean log π_ref(gold) − log π_ref(candidate) over the
-    pushed (gold, candidate) pairs.
+    they hold a gold (``np_pair_only`` of them still rejected in the paired loss);
+    ``np_margin_before``: mean log π_ref(gold) − log π_ref(candidate) over the pushed and
+    pair-only (gold, candidate) pairs.
     """
     nan = float("nan")
     m: dict[str, float] = {f"probe_{k}": sum(r["label"] == k for r in probed) for k in LABELS}
@@ -422,6 +429,8 @@ def probe_metrics(probed: list[dict[str, Any]]) -> dict[str, float]:
         m["np_pushed_stale"] = sum(bool(o) and mentions(c["text"], o) for o, (_, c) in zip(oracle, pushed))
         m["np_pushed_gold"] = sum(bool(c["gold_of"]) for _, c in pushed)
         m["np_protected"] = sum(bool(c.get("protected")) for r in probed for c in r["candidates"])
-        diffs = [r["ref_logp"] - c["ref_logp"] for r, c in pushed if "ref_logp" in r and "ref_logp" in c]
+        paired = pushed + [(r, c) for r in probed for c in r["candidates"] if c.get("pair_only")]
+        m["np_pair_only"] = len(paired) - len(pushed)
+        diffs = [r["ref_logp"] - c["ref_logp"] for r, c in paired if "ref_logp" in r and "ref_logp" in c]
         m["np_margin_before"] = sum(diffs) / len(diffs) if diffs else nan
     return m

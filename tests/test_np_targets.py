@@ -122,3 +122,41 @@ def test_attach_candidates_uses_marks_and_masks(tok, mask):
     n_full = len(answer_tokens(encode_example(tok, {**rows[0], "answer": "Kalin Tosk"}, 64, "error", "t")))
     assert (len(answer_tokens(stale)) < n_full) == mask
     assert examples[1].candidates == [] and examples[2].candidates == []
+
+
+def test_protected_stale_answer_can_be_pair_only(tok):
+    """pbl.pair_protected: a protected stale answer is the rejected side of the margin loss, never in L_NP."""
+    import torch
+
+    from msl_ds.data import flatten
+    from msl_ds.kernels import ROLE_GOLD, ROLE_IGNORE, preference_loss_from_logps
+    from msl_ds.kernels import LossConfig as LC
+
+    recs = probed()
+    pbl = PblSection(pair_protected=True, paired="hinge")
+    mark_push_down(recs, pbl, GOLDS)
+    b = {c["text"]: c for c in recs[1]["candidates"]}
+    # both agree with the stale greedy answer "Brel" and hold another fact's gold
+    assert b["Brel"]["pair_only"] and not b["Brel"]["push"] and b["the Brel one"]["pair_only"]
+    assert not any(c.get("pair_only") for r in recs[:1] + recs[2:] for c in r["candidates"])
+    assert probe_metrics(recs)["np_pair_only"] == 2
+    rows = [{"id": r["id"], "question": r["question"], "answer": r["answer"]} for r in recs]
+    pairs = {}
+    for paired, want in (("hinge", [(ROLE_IGNORE, -3.0)] * 2), ("none", [])):
+        examples = [encode_example(tok, r, 64, "error", "t") for r in rows]
+        attach_candidates(examples, recs, tok, 64, PblSection(pair_protected=True, paired=paired))
+        assert [(c.role, c.ref_logp) for c in examples[1].candidates] == want
+        _, chosen, rejected = flatten(examples[:2])  # a: gold, stale, aligned; b: gold (+ its stale)
+        pairs[paired] = (chosen, rejected)
+    assert pairs == {"hinge": ([0, 3, 3], [1, 4, 5]), "none": ([0], [1])}
+    # an ignored row gets no L_NP gradient, only the pair's
+    logps = torch.tensor([-2.0, -3.0], dtype=torch.float64, requires_grad=True)
+    args = (logps, torch.tensor([2.0, 2.0]), torch.tensor([ROLE_GOLD, ROLE_IGNORE]), torch.tensor([-2.0, -3.0]))
+    pair = {"chosen_idx": torch.tensor([0]), "rejected_idx": torch.tensor([1])}
+    loss, _ = preference_loss_from_logps(*args, LC(sft=0.0, np=1.0, hinge=1.0, beta=0.1), **pair)
+    loss.backward()
+    assert float(logps.grad[1]) == pytest.approx(0.1)  # d relu(1 - 0.1 h)/d logp_rejected
+    logps.grad = None
+    loss, _ = preference_loss_from_logps(*args, LC(sft=0.0, np=1.0), **pair)
+    loss.backward()
+    assert float(logps.grad[1]) == 0.0
