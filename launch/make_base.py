@@ -29,6 +29,7 @@ from msl_ds.engine import Checkpoints, build_engine  # noqa: E402
 from msl_ds.evaluation import accuracy, evaluate_sets  # noqa: E402
 from msl_ds.generation import GenConfig, release_generation_copy  # noqa: E402
 from msl_ds.io import marker_ok, read_json, write_json, write_marker  # noqa: E402
+from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import build_tokenizer, check_model_dir, export_model, init_model_dir, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
 from msl_ds.skills import skill_rows  # noqa: E402
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         ckpts.save(engine, step, {"stage": 0, "rng": rng_state()})
 
     monitor = Monitor(build / "tb", cfg.monitor.tensorboard)
-    stats = StageTrainer(engine, t, examples, plan, pad, 0, monitor, save).run(start) if start < len(plan) else {}
+    trainer = StageTrainer(engine, t, examples, plan, pad, 0, monitor, save, loss_cfg=LossConfig(norm=t.loss_norm))
+    stats = trainer.run(start) if start < len(plan) else {}
     gen = dataclasses.replace(GenConfig.from_eval(cfg.eval, cfg.run.seed), do_sample=False)  # greedy: a fixed yardstick
     sets = {"stage_00": world.split(0, cfg.data.eval_split), "general": world.general}
     sets = {k: v for k, v in sets.items() if v}

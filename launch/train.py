@@ -28,6 +28,7 @@ from msl_ds.augment import KINDS, acceptance, run_augment, training_rows  # noqa
 from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_config, load_deepspeed_config  # noqa: E402
 from msl_ds.data import DataError, check_lengths, encode_rows, load_world, replay_rows, stage_plan  # noqa: E402
 from msl_ds.datafiles import DataSource  # noqa: E402
+from msl_ds.diagnostics import collateral_damage, earlier_answers, rehearsal_metrics  # noqa: E402
 from msl_ds.engine import Checkpoints, CheckpointWorldSizeError, build_engine, set_total_steps, stage_done  # noqa: E402
 from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_scores  # noqa: E402
 from msl_ds.fault import maybe_fault  # noqa: E402
@@ -38,10 +39,22 @@ from msl_ds.io import read_json, read_jsonl, write_json, write_jsonl, write_mark
 from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402
 from msl_ds.monitor import Monitor, set_progress  # noqa: E402
-from msl_ds.probe import attach_candidates, probe_metrics, probe_seed, probe_stage  # noqa: E402
+from msl_ds.probe import (  # noqa: E402
+    GoldIndex,
+    attach_candidates,
+    mark_push_down,
+    pair_margin,
+    probe_metrics,
+    probe_seed,
+    probe_stage,
+)
 from msl_ds.trainer import StageTrainer, rng_state, set_rng_state  # noqa: E402
 
 log = logging.getLogger("msl_ds")
+DIAG_KEYS = (  # msl_ds.diagnostics and the after-training margin, on TensorBoard under pbl/
+    "np_margin_after", "collateral_facts", "collateral_before", "collateral_after", "rehearsal_statements",
+    "rehearsal_precision", "rehearsal_coverage",
+)  # fmt: skip
 PROBE_KEYS = {
     "probe_known",
     "probe_conflict",
@@ -51,6 +64,12 @@ PROBE_KEYS = {
     "probe_oracle_conflicts",
     "conflict_precision",
     "conflict_recall",
+    "np_pushed",
+    "np_pushed_stale",
+    "np_pushed_gold",
+    "np_protected",
+    "np_pair_only",
+    "np_margin_before",
 }
 
 
@@ -212,6 +231,8 @@ class Recipe:
             ckpts.save(engine, len(plan), {"stage": t, "rng": rng_state(), "stats": stats})  # stage end
         else:  # killed after training finished: the stage-end checkpoint carries the statistics
             stats = client["stats"]
+        pbl_cfg, max_len = self.cfg.pbl, self.cfg.data.max_seq_len
+        after = pair_margin(engine, self.tokenizer, pad, probed, max_len, pbl_cfg.batch_size) if probed else {}
         maybe_fault("export", stage=t)
         export_model(engine.module, self.tokenizer, pad, sdir / "hf")
         maybe_fault("eval", stage=t)
@@ -226,6 +247,7 @@ class Recipe:
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
             stats.update(acceptance(augmented) if augmented is not None else {})
+            stats.update(after, **self.diagnostics(t, probed, augmented, before, prev, results))
             metrics = self.stage_metrics(t, prev, before, results, stats, len(plan), time.time() - t0)
             write_jsonl(sdir / "eval.jsonl", [dict(r, set=n) for n, rs in results.items() for r in rs])
             write_json(sdir / "metrics.json", json_safe(metrics))
@@ -331,12 +353,14 @@ class Recipe:
     def loss_config(self) -> LossConfig:
         """γ·NLL(gold) + α·L_PP + β·L_NP (+ a paired loss) for msl; plain NLL otherwise."""
         b = self.cfg.pbl
+        norm = self.cfg.train.loss_norm
         if not self.pbl_on():
-            return LossConfig()
+            return LossConfig(norm=norm)
         paired = {b.paired: b.paired_weight} if b.paired != "none" else {}
         return LossConfig(
-            sft=b.gamma, pp=b.alpha, np=b.beta, pbl_form=b.form, pbl_beta=b.beta_sigmoid, beta=b.paired_beta, **paired
-        )
+            sft=b.gamma, pp=b.alpha, np=b.beta, pbl_form=b.form, pbl_beta=b.beta_sigmoid, beta=b.paired_beta,
+            norm=norm, **paired,
+        )  # fmt: skip
 
     def probe(self, engine, pad, t: int) -> list[dict[str, Any]] | None:
         """π_{t-1}'s candidates, conflict labels and reference log-probs for stage t's training rows.
@@ -359,6 +383,8 @@ class Recipe:
                 write_jsonl(path, out)
             D.barrier()
         probed = D.rank0_decides(read_jsonl, path)  # over the process group, not from each rank's disk
+        # what L_NP may push down: never the current gold of a fact trained so far (train rows only)
+        mark_push_down(probed, self.cfg.pbl, GoldIndex(self.world.state(t, ("train",), self.stages).gold))
         m = probe_metrics(probed)
         log.info(
             "stage %d probe: %d known, %d conflict, %d unknown; conflict precision %.3f recall %.3f",
@@ -390,6 +416,13 @@ class Recipe:
         )  # fmt: skip
         return records
 
+    def diagnostics(self, t, probed, augmented, before, prev, results) -> dict[str, Any]:
+        """What the world's answers say about the method's choices (msl_ds.diagnostics; never trained on)."""
+        out = collateral_damage(probed, earlier_answers(before, prev["model"]), results) if probed else {}
+        if augmented:
+            out.update(rehearsal_metrics(augmented, self.world, t, self.stages, self.cfg.skills.background_fact))
+        return out
+
     def stage_metrics(self, t, prev, before, results, stats, steps, seconds) -> dict[str, Any]:
         return {
             **stage_scores(t, before, results, prev["matrix"]),
@@ -409,6 +442,7 @@ class Recipe:
         self.monitor.scalars({f"stage/{k}": m[k] for k in keys}, step)
         self.monitor.scalars({f"probe/{k.removeprefix('probe_')}": v for k, v in m.items() if k in PROBE_KEYS}, step)
         self.monitor.scalars({f"stage/{k}": m[k] for k in ("margin_aligned", "margin_conflict") if k in m}, step)
+        self.monitor.scalars({f"pbl/{k}": m[k] for k in DIAG_KEYS if m.get(k) is not None}, step)
         self.monitor.scalars(
             {f"augment/{k.removeprefix('aug_')}": v for k, v in m.items() if k.startswith("aug_")}, step
         )

@@ -84,6 +84,27 @@ def jaccard(a: str, b: str) -> float:
     return len(A & B) / len(A | B) if A | B else 1.0
 
 
+def statements(text: str) -> list[str]:
+    """The sentences of a text (split after each full stop)."""
+    return [x.strip() for x in re.split(r"(?<=\.)\s+", text.strip()) if x.strip()]
+
+
+def _key(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def consistent_statements(greedy: str, samples: list[str], agree: float) -> list[str]:
+    """The sentences of ``greedy`` that at least a share ``agree`` of ``samples`` state too
+    (whole words, case and punctuation ignored): what the model says consistently."""
+    said = [f" {_key(x)} " for x in samples]
+    kept = []
+    for sentence in statements(greedy):
+        key = _key(sentence)
+        if key and samples and sum(f" {key} " in x for x in said) / len(samples) >= agree:
+            kept.append(sentence)
+    return kept
+
+
 def replace_stale(text: str, stale: str, gold: str) -> str:
     """``text`` with every whole-word occurrence of ``stale`` (any case) replaced by ``gold``."""
     if not stale.strip():
@@ -177,16 +198,28 @@ def augment_stage(
         prompts = [skills.background_prompt.format(subject=s) for s in subjects]
         cfg = dataclasses.replace(greedy, max_new_tokens=aug.background_max_new_tokens)
         outs = generate(model, tokenizer, pad_id, prompts, cfg, desc="augment: backgrounds")
-        for s, p, o in zip(subjects, prompts, outs):
+        samples = _rehearsal_samples(model, tokenizer, pad_id, prompts, aug, cfg, seed) if aug.rehearsal else {}
+        for i, (s, p, o) in enumerate(zip(subjects, prompts, outs)):
             text = o["text"]
             for old, new in stale.get(s, []):
                 text = replace_stale(text, old, new)
             background[s] = (text, p, o)
             if aug.rehearsal:
                 golds = sorted({r["answer"] for r in rows if r.get("subject") == s})
+                extra: dict[str, Any] = {}
+                if samples:  # keep only what the model states consistently
+                    said = [_fix(x, stale.get(s, [])) for x in samples[i]]
+                    kept = consistent_statements(text, said, aug.rehearsal_agree)
+                    extra = {"samples": said, "statements": len(statements(text)), "consistent": len(kept)}
+                    text_r = " ".join(kept)
+                else:
+                    text_r = text
                 records.append(
-                    _record("rehearsal", f"subject/{s}", s, p, o, p, text, stage_golds=golds, stale=stale.get(s, []))
-                )
+                    _record(
+                        "rehearsal", f"subject/{s}", s, p, o, p, text_r, stage_golds=golds, stale=stale.get(s, []),
+                        **extra,
+                    )
+                )  # fmt: skip
 
     # question rewrites: paraphrases and expansions (sampled), background + question
     jobs: list[tuple[str, dict[str, Any], str]] = []
@@ -229,6 +262,24 @@ def augment_stage(
     for i, rec in enumerate(records):
         rec["id"] = f"aug/s{stage:02d}/{rec['kind']}/{i:05d}"
     return records
+
+
+def _fix(text: str, stale: list[tuple[str, str]]) -> str:
+    for old, new in stale:
+        text = replace_stale(text, old, new)
+    return text
+
+
+def _rehearsal_samples(model, tokenizer, pad_id, prompts: list[str], aug: AugmentSection, cfg: GenConfig, seed: int):
+    """``aug.rehearsal_samples`` sampled descriptions per prompt (index -> texts); {} when 0."""
+    k = aug.rehearsal_samples
+    if not k or not prompts:
+        return {}
+    sampled = dataclasses.replace(
+        cfg, do_sample=True, temperature=aug.rehearsal_temperature, top_p=aug.top_p, seed=seed + 2
+    )
+    outs = generate(model, tokenizer, pad_id, [p for p in prompts for _ in range(k)], sampled, desc="augment: samples")
+    return {i: [o["text"] for o in outs[i * k : (i + 1) * k]] for i in range(len(prompts))}
 
 
 def _record(kind, source_id, subject, prompt, out, question, answer, **extra) -> dict[str, Any]:
@@ -293,6 +344,8 @@ def select(
 
 
 def _format_reason(rec: dict[str, Any], sel: SelectSection, seen: set[tuple[str, str]]) -> str | None:
+    if rec["kind"] == "rehearsal" and rec.get("consistent") == 0 and rec["raw"].strip():
+        return "inconsistent"  # the model said something, but nothing of it consistently
     if not rec["raw"].strip() or not rec["question"] or not rec["answer"]:
         return "empty"
     if not rec["finished"]:

@@ -88,6 +88,7 @@ class TrainSection:
     logprobs: Literal["auto", "fused_linear", "logits"] = "auto"
     gradient_checkpointing: bool = False
     max_tokens_per_micro_batch: int = 0
+    loss_norm: Literal["row", "token"] = "row"
 
 
 @dataclass
@@ -113,13 +114,16 @@ class PblSection:
     subject_check: bool = True
     subject_max_new_tokens: int = 64
     max_candidates: int = 0
-    np_scope: Literal["all", "conflict"] = "all"
+    np_scope: Literal["all", "conflict", "stale"] = "stale"
+    protect_golds: bool = True
+    pair_protected: bool = False
+    np_mask_prefix: bool = True
     gamma: float = 1.0
     alpha: float = 0.1
     beta: float = 0.1
     form: Literal["raw", "sigmoid"] = "sigmoid"
     beta_sigmoid: float = 1.0
-    paired: Literal["none", "dpo", "ipo"] = "none"
+    paired: Literal["none", "dpo", "ipo", "hinge"] = "none"
     paired_weight: float = 0.1
     paired_beta: float = 0.1
 
@@ -143,6 +147,9 @@ class AugmentSection:
     expansion: int = 1
     background: bool = True
     rehearsal: bool = True
+    rehearsal_samples: int = 4
+    rehearsal_agree: float = 0.5
+    rehearsal_temperature: float = 0.7
     reach: Literal["stage", "all"] = "all"
     other_subjects: float = 12.0
     temperature: float = 0.7
@@ -228,6 +235,7 @@ class BaseSection:
             warmup_steps=30,
             save_every_steps=200,
             log_every_steps=50,
+            loss_norm="token",
         )  # fmt: skip
     )
     skills: bool = True
@@ -492,6 +500,10 @@ def validate(cfg: RunConfig) -> None:
     if b.paired != "none" and b.paired_beta <= 0:
         raise ConfigError(f"{cfg.source}: pbl.paired_beta must be > 0")
     a = cfg.augment
+    if a.rehearsal_samples < 0 or not 0 < a.rehearsal_agree <= 1 or a.rehearsal_temperature <= 0:
+        raise ConfigError(
+            f"{cfg.source}: augment.rehearsal_samples must be >= 0, rehearsal_agree in (0, 1], rehearsal_temperature > 0"
+        )
     if min(a.paraphrase, a.expansion) < 0 or a.other_subjects < 0 or a.batch_size < 1:
         raise ConfigError(f"{cfg.source}: augment.paraphrase/expansion/other_subjects must be >= 0, batch_size >= 1")
     if min(a.max_new_tokens, a.background_max_new_tokens) < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:

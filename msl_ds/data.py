@@ -20,7 +20,7 @@ import torch
 from msl_ds.chat import TemplateError, encode_turn
 from msl_ds.datafiles import ROWS, DataError, DataSource, find_file, read_records, to_row
 from msl_ds.facts import WorldState, fact_key, has_identity
-from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD
+from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD, ROLE_IGNORE
 
 log = logging.getLogger(__name__)
 OPTIONAL_FIELDS = ("id", "fact_id", "subject", "relation", "previous_answer", "kind")
@@ -306,7 +306,10 @@ def collate(examples: list[Example], pad_id: int | None) -> dict[str, torch.Tens
 
 
 def flatten(groups: list[Example]) -> tuple[list[Example], list[int], list[int]]:
-    """A micro-batch of groups as rows, plus (gold, conflicting candidate) pair indices."""
+    """A micro-batch of groups as rows, plus (gold, conflicting candidate) pair indices.
+
+    A candidate with ``ROLE_IGNORE`` joins only its pair (no L_PP/L_NP term of its own).
+    """
     rows: list[Example] = []
     chosen: list[int] = []
     rejected: list[int] = []
@@ -314,7 +317,7 @@ def flatten(groups: list[Example]) -> tuple[list[Example], list[int], list[int]]
         gold = len(rows)
         rows.append(g)
         for c in g.candidates:
-            if c.role == ROLE_CONFLICT and g.role == ROLE_GOLD:
+            if c.role in (ROLE_CONFLICT, ROLE_IGNORE) and g.role == ROLE_GOLD:
                 chosen.append(gold)
                 rejected.append(len(rows))
             rows.append(c)

@@ -27,8 +27,9 @@ from msl_ds import distributed as D
 from msl_ds.chat import answer_ids
 from msl_ds.data import DataError, Example, collate, encode_example
 from msl_ds.evaluation import is_correct
+from msl_ds.facts import fact_key
 from msl_ds.generation import GenConfig, generate
-from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT
+from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, ROLE_IGNORE
 from msl_ds.logprobs import AnswerLogprobs
 
 LABELS = ("known", "conflict", "unknown")
@@ -242,7 +243,8 @@ def probe_stage(
         # the description must be about the subject (not a confabulated other one) and say g
         described = mentions(text, row["subject"]) and mentions(text, g) if text is not None else None
         label, share = label_fact(row["answer"], g, ss, pbl.consistency, described)
-        rec = {"id": row["id"], "question": row["question"], "answer": row["answer"], "greedy": g, "samples": ss}
+        rec = {"id": row["id"], "fact": fact_key(row), "question": row["question"], "answer": row["answer"]}
+        rec.update(greedy=g, samples=ss)
         if text is not None:
             rec.update(description=text, described=described)
         rec.update(label=label, agree=share, candidates=distinct_candidates(g, ss, pbl.max_candidates))
@@ -263,13 +265,38 @@ def _candidate(gold: str, text: str, sim: float, pbl) -> dict[str, Any]:
     return {"text": text, "sim": sim, "role": "aligned" if aligned else "conflict"}
 
 
+def answer_tokens(ex: Example) -> list[int]:
+    """The answer's token ids of an encoded row (the labels that are not -100)."""
+    return [x for x in ex.labels if x != -100]
+
+
+def mask_shared_prefix(cand: Example, gold: Example) -> int:
+    """Mask (label -100) the leading answer tokens ``cand`` shares with ``gold``; returns how many.
+
+    Both answers end with eos, so a candidate other than the gold keeps at least one token:
+    the first one where it departs from the gold, from which on it is penalised.
+    """
+    a, g = answer_tokens(cand), answer_tokens(gold)
+    k = 0
+    while k < min(len(a), len(g)) - 1 and a[k] == g[k]:
+        k += 1
+    start = len(cand.labels) - len(a)
+    cand.labels = cand.labels[:start] + [-100] * k + cand.labels[start + k :]
+    return k
+
+
 def _attach_reference(
     engine, tokenizer, pad_id, out: list[dict[str, Any]], max_len: int, batch_size: int, logprobs: str = "auto"
 ) -> None:
-    """Store log π_ref for the gold and each candidate; drop candidates that do not fit max_len."""
-    seqs: list[tuple[dict[str, Any], Example]] = []
+    """Store log π_ref for the gold and each candidate; drop candidates that do not fit max_len.
+
+    A conflicting candidate also gets ``ref_logp_masked``: log π_ref of its tokens from the first
+    one where it departs from the gold (``shared``: how many leading tokens it shares with it).
+    """
+    seqs: list[tuple[dict[str, Any], str, Example]] = []
     for r in out:
-        seqs.append((r, encode_example(tokenizer, r, max_len, "truncate", r["id"])))
+        gold = encode_example(tokenizer, r, max_len, "truncate", r["id"])
+        seqs.append((r, "ref_logp", gold))
         kept = []
         for c in r["candidates"]:
             try:
@@ -277,18 +304,79 @@ def _attach_reference(
             except DataError:
                 continue
             kept.append(c)
-            seqs.append((c, ex))
+            seqs.append((c, "ref_logp", ex))
+            if c["role"] == "conflict":
+                masked = dataclasses.replace(ex, labels=list(ex.labels))
+                c["shared"] = mask_shared_prefix(masked, gold)
+                seqs.append((c, "ref_logp_masked", masked))
         r["candidates"] = kept
-    logps = reference_logps(engine, [e for _, e in seqs], pad_id, batch_size, logprobs)
-    for (obj, _), lp in zip(seqs, logps):
-        obj["ref_logp"] = lp
+    logps = reference_logps(engine, [e for _, _, e in seqs], pad_id, batch_size, logprobs)
+    for (obj, key, _), lp in zip(seqs, logps):
+        obj[key] = lp
+
+
+# --------------------------------------------------------------------------- what L_NP pushes down
+
+
+class GoldIndex:
+    """The current golds of every fact in the training data given so far, for whole-word lookup.
+
+    Built from training rows only (never valid or test phrasings): ``contains(text)`` lists the
+    facts whose gold ``text`` equals or contains as whole words (so "1957" does not contain the
+    gold "57" of another fact, but "Pumu Lif" contains "Pumu").
+    """
+
+    def __init__(self, golds: dict[str, str]):
+        self.by_gold: dict[str, list[str]] = {}
+        for fact, g in sorted(golds.items()):
+            if norm(g):
+                self.by_gold.setdefault(norm(g), []).append(fact)
+
+    def contains(self, text: str) -> list[str]:
+        w = norm(text).split()
+        spans = {" ".join(w[i:j]) for i in range(len(w)) for j in range(i + 1, len(w) + 1)}
+        return sorted(f for s in spans for f in self.by_gold.get(s, []))
+
+
+def mark_push_down(probed: list[dict[str, Any]], pbl, golds: GoldIndex) -> None:
+    """Decide, per conflicting candidate, whether L_NP (and the paired losses) push it down.
+
+    ``pbl.np_scope``: ``all`` (every conflicting candidate), ``conflict`` (those of facts labelled
+    conflict) or ``stale`` (of those, only the model's stale answer: the greedy answer and the
+    samples agreeing with it). With ``pbl.protect_golds``, a candidate that equals or contains the
+    current gold of any fact in the training data so far is never pushed down; with
+    ``pbl.pair_protected`` such a candidate (in scope) is ``pair_only``: the rejected side of the
+    paired margin loss and nothing else. Sets on each conflicting candidate ``push``,
+    ``pair_only``, ``protected`` and ``gold_of`` (the other facts whose gold it holds).
+    """
+    for r in probed:
+        for c in r["candidates"]:
+            if c["role"] != "conflict":
+                continue
+            if pbl.np_scope == "all":
+                eligible = True
+            elif pbl.np_scope == "conflict":
+                eligible = r["label"] == "conflict"
+            else:
+                eligible = r["label"] == "conflict" and agrees(c["text"], r["greedy"])
+            c["gold_of"] = [f for f in golds.contains(c["text"]) if f != r.get("fact")]
+            own = bool(golds.contains(c["text"]))
+            c["push"] = eligible and not (pbl.protect_golds and own)
+            c["protected"] = eligible and not c["push"]
+            c["pair_only"] = c["protected"] and pbl.pair_protected
 
 
 # --------------------------------------------------------------------------- training groups and metrics
 
 
 def attach_candidates(examples: list[Example], probed: list[dict[str, Any]], tokenizer, max_len: int, pbl) -> None:
-    """Turn each example into a group: its probed candidates with roles and reference log-probs."""
+    """Turn each example into a group: its probed candidates with roles and reference log-probs.
+
+    Conflicting candidates join only when :func:`mark_push_down` marked them ``push`` (or
+    ``pair_only``, as pair members, when a paired loss is configured); with
+    ``pbl.np_mask_prefix`` their tokens shared with the gold are masked (and the reference is
+    the one over the same tokens).
+    """
     by_id = {r["id"]: r for r in probed}
     for ex in examples:
         rec = by_id.get(ex.row["id"])
@@ -298,18 +386,43 @@ def attach_candidates(examples: list[Example], probed: list[dict[str, Any]], tok
         ex.candidates = []
         for c in rec["candidates"]:
             role = ROLE_ALIGNED if c["role"] == "aligned" else ROLE_CONFLICT
-            if role == ROLE_CONFLICT and pbl.np_scope == "conflict" and rec["label"] != "conflict":
-                continue
+            if role == ROLE_CONFLICT and not c["push"]:
+                if not (c.get("pair_only") and pbl.paired != "none"):
+                    continue
+                role = ROLE_IGNORE  # the rejected side of the paired loss only
             cand = encode_example(tokenizer, {**ex.row, "answer": c["text"]}, max_len, "truncate", ex.row["id"])
             cand.role, cand.ref_logp = role, c["ref_logp"]
+            if role != ROLE_ALIGNED and pbl.np_mask_prefix:
+                mask_shared_prefix(cand, ex)
+                cand.ref_logp = c["ref_logp_masked"]
             ex.candidates.append(cand)
+
+
+def pair_margin(engine, tokenizer, pad_id, probed: list[dict[str, Any]], max_len: int, batch_size: int) -> dict:
+    """``np_margin_after``: mean log π(gold) − log π(candidate) over the pushed (or pair-only)
+    (gold, candidate) pairs with the engine's current weights (all ranks; one forward over those rows)."""
+    pairs = [(r, c) for r in probed for c in r["candidates"] if c.get("push") or c.get("pair_only")]
+    if not pairs:
+        return {}
+    examples = []
+    for r, c in pairs:
+        examples.append(encode_example(tokenizer, r, max_len, "truncate", r["id"]))
+        examples.append(encode_example(tokenizer, {**r, "answer": c["text"]}, max_len, "truncate", r["id"]))
+    lp = reference_logps(engine, examples, pad_id, batch_size)
+    return {"np_margin_after": sum(lp[0::2]) / len(pairs) - sum(lp[1::2]) / len(pairs)}
 
 
 def probe_metrics(probed: list[dict[str, Any]]) -> dict[str, float]:
     """Label counts, candidate counts, and conflict detection against the previous_answer oracle.
 
     A true conflict is a row whose gold changed (it has ``previous_answer``) and whose greedy answer
-    still gives the previous answer; a detected one is a row labelled ``conflict``.
+    still gives the previous answer; a detected one is a row labelled ``conflict``. What L_NP
+    pushes down (after :func:`mark_push_down`): ``np_pushed`` candidates, of which
+    ``np_pushed_stale`` give the row's previous answer (the oracle: a diagnostic only) and
+    ``np_pushed_gold`` hold another fact's current gold; ``np_protected`` were kept out because
+    they hold a gold (``np_pair_only`` of them still rejected in the paired loss);
+    ``np_margin_before``: mean log π_ref(gold) − log π_ref(candidate) over the pushed and
+    pair-only (gold, candidate) pairs.
     """
     nan = float("nan")
     m: dict[str, float] = {f"probe_{k}": sum(r["label"] == k for r in probed) for k in LABELS}
@@ -321,4 +434,15 @@ def probe_metrics(probed: list[dict[str, Any]]) -> dict[str, float]:
     m["probe_oracle_conflicts"] = sum(truth)
     m["conflict_precision"] = tp / sum(pred) if sum(pred) else nan
     m["conflict_recall"] = tp / sum(truth) if sum(truth) else nan
+    pushed = [(r, c) for r in probed for c in r["candidates"] if c.get("push")]
+    if any("push" in c for r in probed for c in r["candidates"]):
+        m["np_pushed"] = len(pushed)
+        oracle = [r.get("previous_answer") for r, _ in pushed]  # diagnostic only: the method never reads it
+        m["np_pushed_stale"] = sum(bool(o) and mentions(c["text"], o) for o, (_, c) in zip(oracle, pushed))
+        m["np_pushed_gold"] = sum(bool(c["gold_of"]) for _, c in pushed)
+        m["np_protected"] = sum(bool(c.get("protected")) for r in probed for c in r["candidates"])
+        paired = pushed + [(r, c) for r in probed for c in r["candidates"] if c.get("pair_only")]
+        m["np_pair_only"] = len(paired) - len(pushed)
+        diffs = [r["ref_logp"] - c["ref_logp"] for r, c in paired if "ref_logp" in r and "ref_logp" in c]
+        m["np_margin_before"] = sum(diffs) / len(diffs) if diffs else nan
     return m

@@ -2,7 +2,8 @@
 
 The batch plan is computed identically on every rank (see ``data.batch_plan``), so resuming is
 "skip the first ``step`` global batches"; the loss is normalised by the global number of answer
-tokens of each optimizer step, so the gradient does not depend on how the batch is split into
+tokens (or, with ``train.loss_norm: row``, of gold rows, each row's NLL a mean over its own
+tokens) of each optimizer step, so the gradient does not depend on how the batch is split into
 micro-batches, accumulation steps and ranks. Examples may be groups (a gold answer with probed
 candidates, method ``msl``): a micro-batch of groups is flattened into rows, and each preference
 term is rescaled by its rows' share of the step's global count, so it too is a global mean.
@@ -58,7 +59,7 @@ def lr_lambda(cfg: TrainSection, total_steps: int) -> Callable[[int], float]:
 
 
 # preference terms, with the count their per-micro-batch mean is taken over
-TERMS = {"pp": "aligned", "np": "conflict", "dpo": "pairs", "ipo": "pairs"}
+TERMS = {"pp": "aligned", "np": "conflict", "dpo": "pairs", "ipo": "pairs", "hinge": "pairs"}
 # what one step accumulates across micro-batches and ranks (margin sums and row counts, term sums)
 TALLY = ("loss", "r_aligned", "aligned", "r_conflict", "conflict", "pairs", *(f"loss_{t}" for t in TERMS))
 # processed positions (rows x padded length), non-padding positions, and positions x padded length
@@ -138,7 +139,9 @@ class StageTrainer:
             maybe_fault("train", stage=self.stage, step=step)
             mbs = self._forwards(self.plan[step], w, r)
             batch_tokens = sum(self._answer_tokens(i) for i in self.plan[step])
-            normaliser = batch_tokens / (w * self.cfg.grad_accum)
+            # the SFT term's global normaliser: gold tokens, or gold rows under norm "row"
+            units = len(self.plan[step]) if self.loss_cfg.norm == "row" else batch_tokens
+            normaliser = units / (w * self.cfg.grad_accum)
             counts = group_counts([self.examples[i] for i in self.plan[step]])
             tally = dict.fromkeys(TALLY + TOKENS, 0.0)
             for k, mb in enumerate(mbs):

@@ -10,10 +10,12 @@ general skill (two-digit addition) learned in stage 0 is probed by
 
 Design rules that the trainer and evaluator rely on (all checked in code):
 
-* every fact changes at most once (the evaluator handles any number of changes: an earlier
-  stage's test rows are scored against the gold current at evaluation time, via ``fact_id``);
+* a fact changes at most ``max_changes`` times (1 in the shipped presets but ``hard``; the
+  evaluator handles any number: an earlier stage's test rows are scored against the gold
+  current at evaluation time, via ``fact_id``);
 * per relation, no answer is a substring of another answer (case-insensitive),
-  across the whole world, so substring-based scoring is unambiguous;
+  across the whole world, so substring-based scoring is unambiguous (with ``answer_pool`` the
+  values are drawn from a small pool shared by many subjects: the pool is substring-free too);
 * no question contains its answer (or its previous answer);
 * train / valid / test phrasings are disjoint templates and disjoint strings;
 * output is byte-deterministic for a given (size, seed) and written atomically.
@@ -324,6 +326,10 @@ class WorldSize:
     n_train_phrasings: int = 3
     n_valid_phrasings: int = 1
     n_test_phrasings: int = 2
+    # harder worlds (all off by default; the shipped presets but ``hard`` keep their rows byte for byte)
+    answer_pool: int = 0  # > 0: each relation's values come from this many values shared by all subjects
+    max_changes: int = 1  # how many times one fact may change across the stages
+    persistence: float = 0.0  # > 0: old values of facts that change later are stated in more stage-0 contexts
 
     def split_indices(self) -> dict[str, list[int]]:
         """Template indices per split: first train, then valid, then test."""
@@ -338,6 +344,11 @@ SIZES: dict[str, WorldSize] = {
     "small": WorldSize(entities_per_type=24, subjects_per_type=9, n_general=40),
     # 15 subjects/type * 13 relations = 195 stage-0 facts, 48 names per type
     "default": WorldSize(entities_per_type=48, subjects_per_type=15, n_general=60),
+    # 46 subjects/type * 13 relations = 598 stage-0 facts; answers from a pool of 12 values per
+    # relation; facts change up to 3 times; old values persist (see ``persistence``)
+    "hard": WorldSize(
+        entities_per_type=60, subjects_per_type=46, n_general=60, answer_pool=12, max_changes=3, persistence=1.0
+    ),
 }
 
 
@@ -369,15 +380,20 @@ class _Fact:
     initial: str
     introduced: int
     reserved: bool = False
-    changed_at: int | None = None
-    new_value: str | None = None
+    changes: list[tuple[int, str]] = field(default_factory=list)  # (stage, new value), in stage order
+
+    @property
+    def changed_at(self) -> int | None:
+        """The stage of the first change (None: the fact never changes)."""
+        return self.changes[0][0] if self.changes else None
 
     def value_at(self, stage: int) -> str:
         """Value of the fact as known after training on ``stage``."""
-        if self.changed_at is not None and stage >= self.changed_at:
-            assert self.new_value is not None
-            return self.new_value
-        return self.initial
+        value = self.initial
+        for s, v in self.changes:
+            if s <= stage:
+                value = v
+        return value
 
 
 # --------------------------------------------------------------------------- #
@@ -466,6 +482,23 @@ def _alive(by_type: dict[str, list[_Entity]], etype: str, stage: int) -> list[st
     return [e.name for e in by_type[etype] if 0 <= e.introduced <= stage]
 
 
+def _value_pool(rel: Relation, by_type: dict[str, list[_Entity]], countries: list[str], stage: int, size: int) -> list:
+    """The values ``rel`` may take at ``stage``; with ``size`` > 0 only the first ``size`` of them
+    (a small pool shared by all subjects: years spread evenly over the relation's range)."""
+    if rel.value_type == "year":
+        years = list(range(rel.years[0], rel.years[1] + 1))
+        if size:
+            years = [years[i * len(years) // size] for i in range(min(size, len(years)))]
+        return [str(y) for y in years]
+    if rel.value_type == "word":
+        pool = list(rel.vocab)
+    elif rel.value_type == "country":
+        pool = list(countries)
+    else:
+        pool = _alive(by_type, rel.value_type, stage)
+    return pool[:size] if size else pool
+
+
 def _draw_value(
     rng: random.Random,
     rel: Relation,
@@ -473,16 +506,10 @@ def _draw_value(
     countries: list[str],
     stage: int,
     exclude: str | None = None,
+    size: int = 0,
 ) -> str:
-    """Draw a value for ``rel`` at ``stage``, different from ``exclude``."""
-    if rel.value_type == "year":
-        pool = [str(y) for y in range(rel.years[0], rel.years[1] + 1)]
-    elif rel.value_type == "word":
-        pool = list(rel.vocab)
-    elif rel.value_type == "country":
-        pool = list(countries)
-    else:
-        pool = _alive(by_type, rel.value_type, stage)
+    """Draw a value for ``rel`` at ``stage``, different from ``exclude`` (``size``: the pool's size)."""
+    pool = _value_pool(rel, by_type, countries, stage, size)
     pool = [v for v in pool if v != exclude]
     if not pool:
         raise RuntimeError(f"no value available for {rel.name} at stage {stage}")
@@ -490,11 +517,11 @@ def _draw_value(
 
 
 def _facts_for(
-    rng: random.Random, ent: _Entity, by_type: dict[str, list[_Entity]], countries: list[str], stage: int
+    rng: random.Random, ent: _Entity, by_type: dict[str, list[_Entity]], countries: list[str], stage: int, pool: int
 ) -> list[_Fact]:
     """All facts of one entity (every relation of its type), introduced at ``stage``."""
     return [
-        _Fact(ent, rel, _draw_value(rng, rel, by_type, countries, stage), stage)
+        _Fact(ent, rel, _draw_value(rng, rel, by_type, countries, stage, size=pool), stage)
         for rel in RELATIONS
         if rel.entity_type == ent.etype
     ]
@@ -503,14 +530,14 @@ def _facts_for(
 def _evolve(rng: random.Random, ws: WorldSize, by_type: dict[str, list[_Entity]], countries: list[str]) -> list[_Fact]:
     """Build stage-0 facts, reserve retained ones, then apply every update stage.
 
-    Mutates facts in place (``changed_at``/``new_value``) and returns all facts
+    Mutates facts in place (``changes``) and returns all facts
     in stable order (stage-0 first, then by introduction).
     """
     facts: list[_Fact] = []
     for etype in ENTITY_TYPES:
         for ent in by_type[etype]:
             if ent.is_subject:
-                facts.extend(_facts_for(rng, ent, by_type, countries, 0))
+                facts.extend(_facts_for(rng, ent, by_type, countries, 0, ws.answer_pool))
     mutable0 = [f for f in facts if f.relation.mutable]
     for f in rng.sample(mutable0, round(ws.retain_frac * len(mutable0))):
         f.reserved = True
@@ -524,13 +551,13 @@ def _evolve(rng: random.Random, ws: WorldSize, by_type: dict[str, list[_Entity]]
             ent = next(e for e in by_type[etype] if e.introduced == -1)
             ent.introduced, ent.is_subject = stage, True
             fresh.append(ent)
-        candidates = [f for f in facts if f.relation.mutable and not f.reserved and f.changed_at is None]
+        candidates = [f for f in facts if f.relation.mutable and not f.reserved and len(f.changes) < ws.max_changes]
         n_change = min(len(candidates), max(1, round(ws.change_frac * len(candidates)))) if candidates else 0
         for f in rng.sample(candidates, n_change):
-            f.changed_at = stage
-            f.new_value = _draw_value(rng, f.relation, by_type, countries, stage, exclude=f.initial)
+            old = f.value_at(stage - 1)
+            f.changes.append((stage, _draw_value(rng, f.relation, by_type, countries, stage, old, ws.answer_pool)))
         for ent in fresh:
-            facts.extend(_facts_for(rng, ent, by_type, countries, stage))
+            facts.extend(_facts_for(rng, ent, by_type, countries, stage, ws.answer_pool))
     return facts
 
 
@@ -600,6 +627,47 @@ def _general_rows(tag: str, pairs: list[tuple[int, int]], split: str, idx: list[
     return rows
 
 
+def _update_phrasings(ws: WorldSize) -> int:
+    """Train phrasings of an update: fewer as ``persistence`` grows (all of them at 0)."""
+    return max(1, round(ws.n_train_phrasings / (1.0 + ws.persistence)))
+
+
+def _sentence(f: _Fact, value: str) -> str:
+    """A background sentence stating ``f`` with ``value`` (the skills' background format)."""
+    return f"{f.relation.name.replace('_', ' ')} of {f.entity.name}: {value}."
+
+
+def _persistent_rows(ws: WorldSize, base: list[_Fact]) -> list[dict[str, Any]]:
+    """Stage-0 train rows that state the old value of every fact that changes later in more contexts.
+
+    Per such fact, ``round(persistence * n_train_phrasings)`` rows of each kind: (a) more
+    phrasings of the fact itself, answered with its stage-0 value: a train template behind
+    another fact's background sentence about the same subject; (b) other facts' rows whose
+    question opens with a background sentence stating the old value. Deterministic (no random
+    draws), train split only: valid and test phrasings are untouched.
+    """
+    n = round(ws.persistence * ws.n_train_phrasings)
+    train = ws.split_indices()["train"]
+    by_subject: dict[str, list[_Fact]] = {}
+    for f in base:
+        by_subject.setdefault(f.entity.key, []).append(f)
+    rows: list[dict[str, Any]] = []
+    for f in base:
+        if f.changed_at is None:
+            continue
+        siblings = [g for g in by_subject[f.entity.key] if g is not f]
+        for k in range(n if siblings else 0):
+            g = siblings[k % len(siblings)]
+            for tag, fact, context in (("c", f, _sentence(g, g.initial)), ("x", g, _sentence(f, f.initial))):
+                template = fact.relation.templates[train[k % len(train)]].format(s=fact.entity.name)
+                question = f"{context} {template}"
+                if fact.initial.lower() in question.lower():
+                    continue  # a context that would give the answer away
+                rid = f"s00/{fact.entity.key}/{fact.relation.name}/train/{tag}{f.relation.name}{k}"
+                rows.append(_row(rid, question, fact.initial, fact.entity.name, fact.relation.name, "base"))
+    return rows
+
+
 def _fact_sort_key(f: _Fact) -> tuple[str, int]:
     """Stable fact order: subject key, then relation order."""
     return f.entity.key, RELATIONS.index(f.relation)
@@ -613,6 +681,8 @@ def _build_rows(
     facts = sorted(facts, key=_fact_sort_key)
     base = [f for f in facts if f.introduced == 0]
     stage0 = {s: [r for f in base for r in _fact_rows("s00", f, s, idx[s], f.initial, "base")] for s in SPLITS}
+    if ws.persistence > 0:
+        stage0["train"] += _persistent_rows(ws, base)
     stage0["train"] += _general_rows("s00", pairs, "train", idx["train"])
     stage0["valid"] += _general_rows("s00", pairs, "valid", idx["valid"])  # for tuning, never the probe
     stages = [stage0]
@@ -622,8 +692,9 @@ def _build_rows(
         for s in SPLITS:
             rows: list[dict] = []
             for f in facts:
-                if f.changed_at == t:
-                    rows += _fact_rows(tag, f, s, idx[s], f.value_at(t), "conflict", f.value_at(t - 1))
+                if t in (c for c, _ in f.changes):
+                    phr = idx[s][: _update_phrasings(ws)] if s == "train" else idx[s]
+                    rows += _fact_rows(tag, f, s, phr, f.value_at(t), "conflict", f.value_at(t - 1))
                 elif f.introduced == t:
                     rows += _fact_rows(tag, f, s, idx[s], f.initial, "new")
             split_rows[s] = rows
@@ -775,6 +846,8 @@ def _check_size(ws: WorldSize) -> None:
     for name in ("change_frac", "new_frac", "retain_frac"):
         if not 0.0 <= getattr(ws, name) <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1]")
+    if ws.answer_pool < 0 or ws.answer_pool == 1 or ws.max_changes < 1 or ws.persistence < 0:
+        raise ValueError("answer_pool must be 0 (off) or >= 2, max_changes >= 1 and persistence >= 0")
 
 
 def generate_world(size: str | WorldSize = "default", seed: int = 0) -> World:

@@ -98,8 +98,15 @@ def direct_loss(model, groups: list[Example], cfg: LossConfig) -> torch.Tensor:
     role = torch.tensor([r.role for r in rows])
     ntok = torch.tensor([sum(x != -100 for x in r.labels) for r in rows], dtype=lp.dtype)
     r = lp - ref
-    loss = cfg.sft * -(lp[role == ROLE_GOLD]).sum() / ntok[role == ROLE_GOLD].sum()
-    al, cf = r[role == ROLE_ALIGNED], r[role == ROLE_CONFLICT]
+    w = torch.tensor([x.weight for x in rows], dtype=lp.dtype)
+    gold = role == ROLE_GOLD
+    if cfg.norm == "row":  # each row's token mean, weighted, over the step's gold rows; log-ratios per token
+        loss = cfg.sft * -(w[gold] * lp[gold] / ntok[gold]).sum() / gold.sum()
+        rp = r / ntok
+    else:
+        loss = cfg.sft * -(w[gold] * lp[gold]).sum() / ntok[gold].sum()
+        rp = r
+    al, cf = rp[role == ROLE_ALIGNED], rp[role == ROLE_CONFLICT]
     if cfg.pbl_form == "raw":
         loss = loss + cfg.pp * -al.mean() + cfg.np * cf.mean()
     else:
@@ -111,6 +118,9 @@ def direct_loss(model, groups: list[Example], cfg: LossConfig) -> torch.Tensor:
     if cfg.ipo:
         h = r[chosen] / ntok[chosen] - r[rejected] / ntok[rejected]
         loss = loss + cfg.ipo * ((h - 1 / (2 * cfg.beta)) ** 2).mean()
+    if cfg.hinge:
+        h = r[chosen] - r[rejected]
+        loss = loss + cfg.hinge * torch.relu(1 - cfg.beta * h).mean()
     return loss
 
 
@@ -133,13 +143,20 @@ def run_trainer(
         LossConfig(sft=0.3, pp=1.0, np=2.0, pbl_form="sigmoid", pbl_beta=0.5),
         LossConfig(sft=1.0, np=0.2, dpo=0.5, beta=0.3),
         LossConfig(sft=1.0, pp=0.1, ipo=0.5, beta=0.5),
+        LossConfig(sft=1.0, hinge=0.7, beta=0.3),
+        LossConfig(sft=1.0, pp=0.5, np=0.7, pbl_form="raw", norm="row"),
+        LossConfig(sft=0.3, pp=1.0, np=2.0, pbl_form="sigmoid", pbl_beta=0.5, norm="row", hinge=0.4),
     ],
-    ids=["raw", "sigmoid", "dpo", "ipo"],
+    ids=["raw", "sigmoid", "dpo", "ipo", "hinge", "row-raw", "row-sigmoid-hinge"],
 )
 @pytest.mark.parametrize("micro, accum", [(6, 1), (2, 3), (1, 6)])
 def test_grouped_loss_matches_direct_formulas(cfg, micro, accum):
     """Loss and gradient of one step equal the formulas over the whole step, however it is split."""
     groups = make_groups(6)
+    plain = [g for g in groups if not g.candidates]  # augmentation rows: no candidates, their kind's weight
+    assert plain
+    for g in plain:
+        g.weight = 0.5
     model = tiny_model()
     want = direct_loss(model, groups, cfg)
     want.backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,103 @@ def test_size_presets() -> None:
         generate_world("huge")
     with pytest.raises(ValueError):
         generate_world(WorldSize(entities_per_type=3, subjects_per_type=5))
+
+
+# --------------------------------------------------------------------------- harder worlds
+
+# the rows of the shipped default and tiny worlds (seed 0) must never change: base models and
+# running comparisons are built on them
+PINNED = {
+    "default": "0ad7586630cc5450ca9911a51b3cc5228d1be7d04f43ad839f6427aa92bbc7d5",
+    "tiny": "8412ca0df8360b404756869283de3659e05bfaafab833bdb0aba2a5944f3249a",
+}
+
+
+@pytest.mark.parametrize("size", sorted(PINNED))
+def test_shipped_worlds_unchanged(size: str) -> None:
+    files = generate_world(size, seed=0).meta["files"]
+    assert hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest() == PINNED[size]
+
+
+@pytest.fixture(scope="module")
+def hard() -> World:
+    return generate_world("hard", seed=0)
+
+
+def test_hard_preset(hard: World) -> None:
+    stats = world_stats(hard)
+    assert 550 <= stats[0]["base"] <= 650
+    # answers from a small shared pool: at most a dozen values per relation for hundreds of subjects
+    values: dict[str, set[str]] = {}
+    for r in all_rows(hard):
+        if r["kind"] != "general":
+            values.setdefault(r["relation"], set()).update(v for v in (r["answer"], r.get("previous_answer")) if v)
+    assert max(len(v) for v in values.values()) <= 12
+    # facts that change several times, each change's previous answer the value current before it
+    current = {r["fact_id"]: r["answer"] for r in hard.stages[0]["test"]}
+    changes: dict[str, int] = {}
+    for st in hard.stages[1:]:
+        for r in st["test"]:
+            if r["kind"] == "conflict":
+                assert r["previous_answer"] == current[r["fact_id"]] != r["answer"]
+        for r in st["test"]:
+            if r["kind"] == "conflict" and r["id"].endswith(f"/p{SIZES['hard'].split_indices()['test'][0]}"):
+                changes[r["fact_id"]] = changes.get(r["fact_id"], 0) + 1
+        current.update({r["fact_id"]: r["answer"] for r in st["test"]})
+    assert max(changes.values()) >= 2 and max(changes.values()) <= SIZES["hard"].max_changes
+    validate_world(hard)
+
+
+def test_persistence_states_old_values_more_and_updates_less() -> None:
+    import dataclasses
+
+    plain = generate_world(dataclasses.replace(SIZES["tiny"], persistence=0.0), seed=0)
+    assert plain.meta["files"] == generate_world("tiny", seed=0).meta["files"]  # knob off = the preset
+    pers = generate_world(dataclasses.replace(SIZES["tiny"], persistence=1.0), seed=0)
+    # the same facts and the same held-out phrasings: only train rows differ
+    for a, b in zip(plain.stages, pers.stages):
+        assert a["valid"] == b["valid"] and a["test"] == b["test"]
+    stage0 = {r["fact_id"] for r in plain.stages[0]["train"]}
+    changed = {  # stage-0 facts that change later, with their stage-0 value
+        r["fact_id"]: r["previous_answer"]
+        for st in pers.stages[1:]
+        for r in st["train"]
+        if r["kind"] == "conflict" and r["fact_id"] in stage0
+    }
+    extra = [r for r in pers.stages[0]["train"] if r not in plain.stages[0]["train"]]
+    assert extra and all(split_of(r) == "train" for r in extra)
+    own = [r for r in extra if r["fact_id"] in changed]
+    assert {r["fact_id"] for r in own} == set(changed)  # every changed fact: more phrasings of its old value
+    assert all(r["answer"] == changed[r["fact_id"]] for r in own)
+    # and other facts' rows whose context states the old value
+    assert any(r["fact_id"] not in changed and any(v in r["question"] for v in changed.values()) for r in extra)
+    n_plain = {k: sum(r["fact_id"] == k for r in plain.stages[0]["train"]) for k in changed}
+    n_pers = {k: sum(r["fact_id"] == k for r in pers.stages[0]["train"]) for k in changed}
+    assert all(n_pers[k] >= n_plain[k] + 3 for k in changed)
+    # the update arrives with fewer phrasings (2 of 3 at persistence 1)
+    updates = [r["fact_id"] for st in pers.stages[1:] for r in st["train"] if r["kind"] == "conflict"]
+    assert updates and set(Counter(updates).values()) == {2}
+    validate_world(pers)
+
+
+def test_bad_knobs_refused() -> None:
+    import dataclasses
+
+    for bad in ({"answer_pool": 1}, {"max_changes": 0}, {"persistence": -0.5}):
+        with pytest.raises(ValueError):
+            generate_world(dataclasses.replace(SIZES["tiny"], **bad))
+
+
+def test_make_world_knobs(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_world", Path(__file__).resolve().parents[1] / "launch/make_world.py"
+    )
+    mw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mw)
+    assert mw.main(["--out", str(tmp_path / "w"), "--size", "tiny", "--persistence", "1", "--max-changes", "2"]) == 0
+    params = verify_world(tmp_path / "w")["size_params"]
+    assert (params["persistence"], params["max_changes"], params["answer_pool"]) == (1.0, 2, 0)
+    assert mw.main(["--out", str(tmp_path / "bad"), "--size", "tiny", "--answer-pool", "1"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -84,10 +84,13 @@ class LossConfig:
     beta: float = 0.1  # beta for dpo/ipo/hinge/orpo(lambda)/simpo
     simpo_gamma: float = 0.5
     label_smoothing: float = 0.0  # dpo (TRL's conservative DPO); also simpo, as in TRL CPO
+    norm: str = "token"  # "token": SFT = token mean over gold rows | "row": mean of each row's own token mean
 
     def __post_init__(self) -> None:
         if self.pbl_form not in ("raw", "sigmoid"):
             raise ValueError(f"pbl_form must be 'raw' or 'sigmoid', got {self.pbl_form!r}")
+        if self.norm not in ("token", "row"):
+            raise ValueError(f"norm must be 'token' or 'row', got {self.norm!r}")
         if not 0.0 <= self.label_smoothing <= 0.5:
             raise ValueError("label_smoothing must lie in [0, 0.5]")
         if (self.ipo or self.dpo or self.hinge or self.orpo or self.simpo) and self.beta <= 0:
@@ -142,7 +145,8 @@ def preference_loss_from_logps(
         ref_logps: [N] frozen reference log-prob sums (needed for pp/np/dpo/ipo/hinge).
         weights: optional [N] per-row sample weights (default 1).
         chosen_idx, rejected_idx: [P] long row indices of preference pairs.
-        token_normalizer: global gold-token count for the SFT mean (default: local count).
+        token_normalizer: global normaliser of the SFT term: the step's gold-token count (norm
+            "token") or gold-row count (norm "row"); default: the local count.
 
     Returns:
         ``(loss, metrics)``; ``loss`` is a 0-dim fp32 tensor, metrics hold detached
@@ -171,28 +175,36 @@ def preference_loss_from_logps(
 
     terms: dict[str, Tensor] = {}
     total = logps.sum() * 0.0  # graph-connected zero
+    # norm "row": every row counts once whatever its length (its log-prob and log-ratio are
+    # averaged over its own tokens), so a long row does not outweigh a one-word answer
+    per_row = cfg.norm == "row"
+    seq = logps / n_tokens.clamp(min=1.0) if per_row else logps
+    if r is not None and per_row:
+        r_pbl = r / n_tokens.clamp(min=1.0)
+    else:
+        r_pbl = r
 
     if cfg.sft != 0:
         if token_normalizer is None:
-            den = (gold * n_tokens).sum()
+            den = (gold * (torch.ones_like(n_tokens) if per_row else n_tokens)).sum()
         else:
             den = (
                 token_normalizer.to(device=dev, dtype=fdt)
                 if isinstance(token_normalizer, Tensor)
                 else torch.full((), float(token_normalizer), dtype=fdt, device=dev)
             )
-        terms["sft"] = -(gold * w * logps).sum() / den.clamp(min=1.0)
+        terms["sft"] = -(gold * w * seq).sum() / den.clamp(min=1.0)
 
     if cfg.pp != 0:
         if cfg.pbl_form == "raw":
-            terms["pp"] = -_wmean(r, aligned * w)
+            terms["pp"] = -_wmean(r_pbl, aligned * w)
         else:
-            terms["pp"] = _wmean(-F.logsigmoid(cfg.pbl_beta * r), aligned * w)
+            terms["pp"] = _wmean(-F.logsigmoid(cfg.pbl_beta * r_pbl), aligned * w)
     if cfg.np != 0:
         if cfg.pbl_form == "raw":
-            terms["np"] = _wmean(r, conflict * w)
+            terms["np"] = _wmean(r_pbl, conflict * w)
         else:
-            terms["np"] = _wmean(-F.logsigmoid(-cfg.pbl_beta * r), conflict * w)
+            terms["np"] = _wmean(-F.logsigmoid(-cfg.pbl_beta * r_pbl), conflict * w)
 
     pair_metrics: dict[str, Tensor] = {}
     if cfg.needs_pairs():
