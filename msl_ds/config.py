@@ -88,7 +88,7 @@ class TrainSection:
     logprobs: Literal["auto", "fused_linear", "logits"] = "auto"
     gradient_checkpointing: bool = False
     max_tokens_per_micro_batch: int = 0
-    loss_norm: Literal["row", "token"] = "row"
+    loss_norm: Literal["row", "token"] = "token"
 
 
 @dataclass
@@ -114,10 +114,10 @@ class PblSection:
     subject_check: bool = True
     subject_max_new_tokens: int = 64
     max_candidates: int = 0
-    np_scope: Literal["all", "conflict", "stale"] = "stale"
-    protect_golds: bool = True
+    np_scope: Literal["all", "conflict", "stale"] = "all"
+    protect_golds: bool = False
     pair_protected: bool = False
-    np_mask_prefix: bool = True
+    np_mask_prefix: bool = False
     gamma: float = 1.0
     alpha: float = 0.1
     beta: float = 0.1
@@ -147,7 +147,7 @@ class AugmentSection:
     expansion: int = 1
     background: bool = True
     rehearsal: bool = True
-    rehearsal_samples: int = 4
+    rehearsal_samples: int = 0
     rehearsal_agree: float = 0.5
     rehearsal_temperature: float = 0.7
     reach: Literal["stage", "all"] = "all"

@@ -13,6 +13,11 @@ from msl_ds.probe import GoldIndex, answer_tokens, attach_candidates, mark_push_
 TEXTS = ["Who leads Zorvex?", "Kalin Marr", "Kalin Tosk", "What is 14 plus 41?", "55", "1957", "57"] * 30
 
 
+def Pbl(**kw) -> PblSection:
+    """The stale-belief settings these tests are about (opt-in: the defaults keep the measured ones)."""
+    return PblSection(**{"np_scope": "stale", "protect_golds": True, "np_mask_prefix": True, **kw})
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     from msl_ds.modeling import build_tokenizer, load_tokenizer
@@ -62,7 +67,7 @@ def pushed(recs):
 
 def test_stale_scope_pushes_only_the_stale_answer_and_never_a_gold():
     recs = probed()
-    mark_push_down(recs, PblSection(), GOLDS)
+    mark_push_down(recs, Pbl(), GOLDS)
     assert pushed(recs) == {("a", "Kalin Tosk"), ("d", "1957")}
     b = {c["text"]: c for c in recs[1]["candidates"]}
     assert b["Brel"]["protected"] and b["Brel"]["gold_of"] == ["x"] and not b["the Brel one"]["push"]
@@ -73,11 +78,11 @@ def test_stale_scope_pushes_only_the_stale_answer_and_never_a_gold():
 
 def test_old_scopes_are_kept_for_the_ablation():
     recs = probed()
-    mark_push_down(recs, PblSection(np_scope="all", protect_golds=False), GOLDS)
+    mark_push_down(recs, Pbl(np_scope="all", protect_golds=False), GOLDS)
     assert len(pushed(recs)) == 7  # every conflicting candidate, golds of other facts included
     assert probe_metrics(recs)["np_pushed_gold"] == 3  # "Brel" twice, "the Brel one"
     recs = probed()
-    mark_push_down(recs, PblSection(np_scope="conflict", protect_golds=False), GOLDS)
+    mark_push_down(recs, Pbl(np_scope="conflict", protect_golds=False), GOLDS)
     assert ("c", "Vorn") not in pushed(recs) and ("a", "Vorn") in pushed(recs)
 
 
@@ -108,7 +113,7 @@ def test_shared_prefix_is_masked(tok):
 @pytest.mark.parametrize("mask", [True, False])
 def test_attach_candidates_uses_marks_and_masks(tok, mask):
     recs = probed()
-    pbl = PblSection(np_mask_prefix=mask)
+    pbl = Pbl(np_mask_prefix=mask)
     mark_push_down(recs, pbl, GOLDS)
     rows = [{"id": r["id"], "question": r["question"], "answer": r["answer"]} for r in recs]
     examples = [encode_example(tok, r, 64, "error", "t") for r in rows]
@@ -133,7 +138,7 @@ def test_protected_stale_answer_can_be_pair_only(tok):
     from msl_ds.kernels import LossConfig as LC
 
     recs = probed()
-    pbl = PblSection(pair_protected=True, paired="hinge")
+    pbl = Pbl(pair_protected=True, paired="hinge")
     mark_push_down(recs, pbl, GOLDS)
     b = {c["text"]: c for c in recs[1]["candidates"]}
     # both agree with the stale greedy answer "Brel" and hold another fact's gold
@@ -144,7 +149,7 @@ def test_protected_stale_answer_can_be_pair_only(tok):
     pairs = {}
     for paired, want in (("hinge", [(ROLE_IGNORE, -3.0)] * 2), ("none", [])):
         examples = [encode_example(tok, r, 64, "error", "t") for r in rows]
-        attach_candidates(examples, recs, tok, 64, PblSection(pair_protected=True, paired=paired))
+        attach_candidates(examples, recs, tok, 64, Pbl(pair_protected=True, paired=paired))
         assert [(c.role, c.ref_logp) for c in examples[1].candidates] == want
         _, chosen, rejected = flatten(examples[:2])  # a: gold, stale, aligned; b: gold (+ its stale)
         pairs[paired] = (chosen, rejected)
