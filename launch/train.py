@@ -233,7 +233,6 @@ class Recipe:
             stats = client["stats"]
         pbl_cfg, max_len = self.cfg.pbl, self.cfg.data.max_seq_len
         after = pair_margin(engine, self.tokenizer, pad, probed, max_len, pbl_cfg.batch_size) if probed else {}
-        maybe_fault("export", stage=t)
         export_model(engine.module, self.tokenizer, pad, sdir / "hf")
         maybe_fault("eval", stage=t)
         sets = self.eval_sets(t)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,8 @@ def export_model(model, tokenizer, pad_token_id: int | None, out_dir: str | Path
     state = D.full_state_dict(model)
     if D.is_writer():
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a run killed mid-export
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         config = copy.deepcopy(model.config)
         config.pad_token_id = pad_token_id
@@ -176,8 +179,10 @@ def export_model(model, tokenizer, pad_token_id: int | None, out_dir: str | Path
             model.__dict__.pop("should_save_on_this_rank", None)
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        from msl_ds.fault import maybe_fault
         from msl_ds.io import replace_dir
 
+        maybe_fault("export")  # written in full under the temporary name, not yet renamed into place
         replace_dir(tmp, out)
     D.barrier()
 

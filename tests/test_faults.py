@@ -23,7 +23,7 @@ KILLS = [
     ("augment:stage=2:rank=0", {"probe.jsonl": True, "augment.jsonl": False}),
     ("train:stage=2:step=3:rank=1", {"augment.jsonl": True, "pointer": 2}),
     ("checkpoint:stage=2:step=4:rank=0", {"pointer": 2}),  # shards written, pointer not yet moved
-    ("export:stage=2:rank=1", {"pointer": "end", "hf": False}),
+    ("export:rank=0", {"pointer": "end", "hf": False}),  # export complete under its temporary name
     ("eval:stage=2:rank=0", {"hf": True, "metrics.json": False}),
     ("stage_end:stage=2:rank=0", {"metrics.json": True}),  # metrics written, marker not
 ]
@@ -48,6 +48,8 @@ def test_every_kill_point_resumes_to_the_uninterrupted_metrics(msl_run, tiny_wor
                 assert step == (plan_steps if present == "end" else present), (fault, step)
             else:
                 assert (s2 / name).exists() == present, (fault, name)
+        if fault.startswith("export"):  # killed between writing the export and renaming it into place
+            assert list(s2.glob(".hf.tmp-*")), "the export kill point is after the rename"
         for f in s2.glob("*.jsonl"):  # whatever exists is complete JSON lines
             [json.loads(line) for line in f.read_text().splitlines()]
         survived.append(fault)
@@ -55,6 +57,7 @@ def test_every_kill_point_resumes_to_the_uninterrupted_metrics(msl_run, tiny_wor
     run(cmd)
     assert (out / "stage_01" / "metrics.json").read_text() == stage1  # the finished stage was skipped
     assert_same_metrics(stable(msl_run), stable(out), 2)
+    assert not list((out / "stage_02").glob(".hf.tmp-*"))  # the killed export's leftovers are gone
     assert not (out / "stage_02" / "ckpt").exists()  # resumed to the end: the checkpoint went with the marker
     for name in ("probe.jsonl", "augment.jsonl"):
         assert (out / "stage_02" / name).read_text() == (msl_run / "stage_02" / name).read_text()
