@@ -109,7 +109,7 @@ def _build(spec: dict):
     roles = torch.tensor([ROLE_GOLD] * B + [ROLE_IGNORE] * (N - B), device=dev)
     ref = torch.full((N,), -float(T), device=dev)
     ci, ri = torch.arange(B, device=dev), torch.arange(B, 2 * B, device=dev)
-    cfg = LossConfig(sft=1.0, dpo=1.0, beta=0.1)
+    cfg = LossConfig(nll_weight=1.0, dpo=1.0, paired_beta=0.1)
     inp = dict(targets=targets, mask=mask, roles=roles, ref=ref, ci=ci, ri=ri, cfg=cfg)
     # random data drawn where it will live (a CPU generator for 16k x 128k would take minutes)
     gd = g if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(0)

@@ -118,11 +118,11 @@ class PblSection:
     protect_golds: bool = False
     pair_protected: bool = False
     np_mask_prefix: bool = False
-    gamma: float = 1.0
-    alpha: float = 0.1
-    beta: float = 0.1
+    nll_weight: float = 1.0
+    pp_weight: float = 0.1
+    np_weight: float = 0.1
     form: Literal["raw", "sigmoid"] = "sigmoid"
-    beta_sigmoid: float = 1.0
+    sigmoid_beta: float = 1.0
     paired: Literal["none", "dpo", "ipo", "hinge"] = "none"
     paired_weight: float = 0.1
     paired_beta: float = 0.1
@@ -376,9 +376,24 @@ def all_keys(cls: type = None, prefix: str = "") -> list[str]:
     return out
 
 
+# keys that were renamed: the old name is refused with the new one (the loss weights carry one
+# name from the YAML to msl_ds.kernels.LossConfig)
+RENAMED = {
+    "pbl.gamma": "pbl.nll_weight",
+    "pbl.alpha": "pbl.pp_weight",
+    "pbl.beta": "pbl.np_weight",
+    "pbl.beta_sigmoid": "pbl.sigmoid_beta",
+    "data.train_splits": "",  # removed: every stage trains on its train split
+}
+
+
 def did_you_mean(dotted: str) -> str:
     """`` (did you mean 'train.lr'?)`` for the closest accepted key, or ``""``."""
     import difflib
+
+    if dotted in RENAMED:
+        new = RENAMED[dotted]
+        return f" (renamed: it is '{new}' now)" if new else " (removed)"
 
     keys = all_keys()
     close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.75)
@@ -425,8 +440,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     lines: dict[str, str] = {}
     source = "<defaults>"
     if path is not None:
+        path = resolve_path(str(path))  # as written, else a shipped config's name
         source = str(path)
-        data, lines = _read_layers(Path(path), [])
+        data, lines = _read_layers(path, [])
     over = parse_overrides(overrides or [])
     over_keys = set(_flatten(over))
 
@@ -514,7 +530,12 @@ def validate(cfg: RunConfig) -> None:
 
 # --------------------------------------------------------------------------- DeepSpeed JSON
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# the shipped configs: ds_configs/ of a checkout (or an editable install), msl_ds/ds_configs in a wheel
+CONFIG_DIR = next(
+    (d for d in (Path(__file__).resolve().parent.parent / "ds_configs", Path(__file__).resolve().parent / "ds_configs")
+     if (d / "run_cpu_default.yaml").is_file()),
+    Path(__file__).resolve().parent.parent / "ds_configs",
+)  # fmt: skip
 
 
 def resolve_path(name: str, relative_to: str | Path | None = None) -> Path:

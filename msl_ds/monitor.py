@@ -1,4 +1,10 @@
-"""What a run shows: rank-0 progress bars, TensorBoard scalars/text, a JSON Lines log, W&B.
+"""What a run shows: rank-0 phase lines and progress bars, TensorBoard scalars/text, a JSON Lines log, W&B.
+
+The console (rank 0): one line when each phase of a stage starts and ends, with its size and
+duration (``stage 3/7 · probe · 412 prompts · 38 s``); during training a line every
+``train.log_every_steps`` with loss, tokens/s, MFU and the stage's ETA; after every stage its
+metrics and the run's ETA; at the end the table, the wall time, the final model and the
+TensorBoard command.
 
 DeepSpeed's own monitor writes next to ours (``tb/deepspeed``); msl_ds writes ``tb/msl``: loss
 parts, lr, grad norm, tokens/s, per-stage metrics and the accuracy matrix (one scalar per cell
@@ -10,6 +16,7 @@ to Weights & Biases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("msl_ds")
 
 _PROGRESS = {"enabled": True}
 
@@ -31,6 +39,31 @@ def _rank0() -> bool:
     from msl_ds import distributed as D
 
     return D.is_rank0()
+
+
+def duration(seconds: float) -> str:
+    """``38 s``, ``4 min 12 s``, ``2 h 05 min``."""
+    if seconds != seconds or seconds < 0:
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+@contextlib.contextmanager
+def phase(label: str, name: str, size: str = "") -> Iterator[dict[str, str]]:
+    """Log ``<label> · <name> · <size> · started`` and, at the end, ``... · <size> · <duration>``.
+
+    The block may set ``info["size"]`` to what it found out (``"40 generated, 31 accepted"``).
+    """
+    info = {"size": size}
+    log.info("%s · %s%s · started", label, name, f" · {size}" if size else "")
+    t0 = time.time()
+    yield info
+    log.info("%s · %s%s · %s", label, name, f" · {info['size']}" if info["size"] else "", duration(time.time() - t0))
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

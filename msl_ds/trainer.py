@@ -27,9 +27,9 @@ from msl_ds.batching import filler, token_micro_batches
 from msl_ds.config import TrainSection
 from msl_ds.data import Example, collate, flatten, micro_batches
 from msl_ds.fault import maybe_fault
-from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, LossConfig, preference_loss_from_logps
+from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, WEIGHT_FIELD, LossConfig, preference_loss_from_logps
 from msl_ds.logprobs import AnswerLogprobs
-from msl_ds.monitor import Monitor, progress
+from msl_ds.monitor import Monitor, duration, progress
 from msl_ds.telemetry import Throughput
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,9 @@ def scaled_loss_config(cfg: LossConfig, local: dict[str, int], total: dict[str, 
     local/global count (times ``scale`` = ranks x accumulation, which the engine divides back out)
     gives the same gradient however the step's groups are split.
     """
-    if not any(getattr(cfg, t) for t in TERMS):
+    if not any(cfg.weight(t) for t in TERMS):
         return cfg
-    w = {t: getattr(cfg, t) * local[c] / total[c] * scale if total[c] else 0.0 for t, c in TERMS.items()}
+    w = {WEIGHT_FIELD[t]: cfg.weight(t) * local[c] / total[c] * scale if total[c] else 0.0 for t, c in TERMS.items()}
     return dataclasses.replace(cfg, **w)
 
 
@@ -119,6 +119,8 @@ class StageTrainer:
     peak_tflops: float = 0.0  # monitor.peak_tflops (0: the device table)
     _throughput: Throughput | None = None
     _t_log: float = 0.0
+    label: str = ""  # how the console names the stage ("stage 3/7"); "stage <stage>" when empty
+    _start: int = 0
 
     @property
     def logprobs(self) -> AnswerLogprobs:
@@ -135,12 +137,14 @@ class StageTrainer:
         steps = range(start_step, len(self.plan))
         self._throughput = Throughput.for_model(self.engine.module, w, self.peak_tflops)
         self._t_log = time.time()
+        self._start = start_step
+        self.label = self.label or f"stage {self.stage}"
         for step in progress(steps, desc=f"stage {self.stage} train", total=len(steps)):
             maybe_fault("train", stage=self.stage, step=step)
             mbs = self._forwards(self.plan[step], w, r)
             batch_tokens = sum(self._answer_tokens(i) for i in self.plan[step])
             # the SFT term's global normaliser: gold tokens, or gold rows under norm "row"
-            units = len(self.plan[step]) if self.loss_cfg.norm == "row" else batch_tokens
+            units = len(self.plan[step]) if self.loss_cfg.loss_norm == "row" else batch_tokens
             normaliser = units / (w * self.cfg.grad_accum)
             counts = group_counts([self.examples[i] for i in self.plan[step]])
             tally = dict.fromkeys(TALLY + TOKENS, 0.0)
@@ -303,11 +307,14 @@ class StageTrainer:
         self._window = []
         self.monitor.scalars(values, gs)
         self.history.append({"step": step + 1, **{k.split("/")[1]: v for k, v in values.items()}})
+        done, left = step + 1 - self._start, len(self.plan) - step - 1
         log.info(
-            "stage %d step %d/%d loss %.4f lr %.2e | %.0f tok/s (%.0f non-pad) | %.2f s/step | MFU %.1f%% | peak %.2f GiB",
-            self.stage, step + 1, len(self.plan), loss, lr, rates.get("tokens_per_s_all", float("nan")),
+            "%s · train · step %d/%d · loss %.4f · lr %.2e · %.0f tok/s (%.0f non-pad) · %.2f s/step · MFU %.1f%% · "
+            "peak %.2f GiB · ETA %s",
+            self.label, step + 1, len(self.plan), loss, lr, rates.get("tokens_per_s_all", float("nan")),
             rates.get("tokens_per_s_nonpad", float("nan")), rates.get("step_time_s", float("nan")),
             100 * rates.get("mfu", float("nan")), rates.get("peak_mem_gib", float("nan")),
+            duration(elapsed / max(done, 1) * left),
         )  # fmt: skip
 
     def _pbl_values(self, tallies: list[dict[str, float]], prefix: str = "train/") -> dict[str, float]:
@@ -318,6 +325,6 @@ class StageTrainer:
             if win[name]:
                 values[f"{prefix}margin_{name}"] = win[f"r_{name}"] / win[name]
         for t, c in TERMS.items():
-            if getattr(self.loss_cfg, t) and win[c]:
+            if self.loss_cfg.weight(t) and win[c]:
                 values[f"{prefix}loss_{t}"] = win[f"loss_{t}"] / win[c]
         return values

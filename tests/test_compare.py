@@ -18,12 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_mean_std_over_seeds():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare", REPO / "launch" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    mean_std = compare.mean_std
+    from msl_ds.compare import mean_std
 
     got = mean_std([0.2, 0.4, float("nan"), 0.9])
     assert got["mean"] == pytest.approx(statistics.fmean([0.2, 0.4, 0.9]))

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from msl_ds.config import CONFIG_DIR, ConfigError, RunConfig, load_config, load_deepspeed_config, zero_stage
+from msl_ds.config import (
+    CONFIG_DIR,
+    RENAMED,
+    ConfigError,
+    RunConfig,
+    load_config,
+    load_deepspeed_config,
+    zero_stage,
+)
+from msl_ds.recipe import Recipe
 
 RUN_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 DS_CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
@@ -205,6 +214,14 @@ def test_did_you_mean_and_numbers_for_strings():
     with pytest.raises(ConfigError, match=r"did you mean 'pbl.samples'"):
         load_config(None, ["pbl.sample=4"])
     assert load_config(None, ["run.name=2024"]).run.name == "2024"
+    # the loss weights carry one name from the YAML to the kernel; old names say the new one
+    for old, new in RENAMED.items():
+        hint = f"renamed: it is '{new}' now" if new else "removed"
+        with pytest.raises(ConfigError, match=rf"unknown key '{old}' \({hint}\)"):
+            load_config(None, [f"{old}=1"])
+    cfg = load_config(None, ["pbl.np_weight=0.3", "pbl.sigmoid_beta=2"])
+    lc = Recipe(cfg).loss_config()
+    assert (lc.nll_weight, lc.pp_weight, lc.np_weight, lc.sigmoid_beta) == (1.0, 0.1, 0.3, 2.0)
     assert load_config(None, ["data.format=alpaca", "data.columns={question: prompt}"]).data.columns == {
         "question": "prompt"
     }

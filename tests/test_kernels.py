@@ -145,7 +145,7 @@ def test_all_masked_batch_no_nan(seed):
     t = torch.randint(0, 9, (2, 4))
     m = torch.zeros(2, 4, dtype=torch.bool)
     lp, n = sequence_logprobs(x, t, m, backend="torch")
-    cfg = LossConfig(sft=1.0, pp=1.0, np=1.0, dpo=1.0, ipo=1.0, orpo=1.0, simpo=1.0)
+    cfg = LossConfig(nll_weight=1.0, pp_weight=1.0, np_weight=1.0, dpo=1.0, ipo=1.0, orpo=1.0, simpo=1.0)
     loss, met = preference_loss_from_logps(
         lp,
         n,
@@ -401,7 +401,7 @@ def _direct_losses(logps, n_tok, roles, ref, w, ci, ri, cfg, token_normalizer=No
     gold = [i for i in range(N) if roles[i] == ROLE_GOLD]
     al = [i for i in range(N) if roles[i] == ROLE_ALIGNED]
     cf = [i for i in range(N) if roles[i] == ROLE_CONFLICT]
-    if cfg.sft:
+    if cfg.nll_weight:
         den = token_normalizer if token_normalizer is not None else sum(n_tok[i] for i in gold)
         out["sft"] = sum(-w[i] * logps[i] for i in gold) / max(float(den), 1.0)
     r = [logps[i] - ref[i] for i in range(N)]
@@ -410,11 +410,11 @@ def _direct_losses(logps, n_tok, roles, ref, w, ci, ri, cfg, token_normalizer=No
         sw = sum(float(w[i]) for i in idx)
         return sum(w[i] * f(i) for i in idx) / sw if sw > 0 else logps.sum() * 0
 
-    if cfg.pp:
-        out["pp"] = wmean(al, (lambda i: -r[i]) if cfg.pbl_form == "raw" else (lambda i: -ls(cfg.pbl_beta * r[i])))
-    if cfg.np:
-        out["np"] = wmean(cf, (lambda i: r[i]) if cfg.pbl_form == "raw" else (lambda i: -ls(-cfg.pbl_beta * r[i])))
-    b, lsm = cfg.beta, cfg.label_smoothing
+    if cfg.pp_weight:
+        out["pp"] = wmean(al, (lambda i: -r[i]) if cfg.form == "raw" else (lambda i: -ls(cfg.sigmoid_beta * r[i])))
+    if cfg.np_weight:
+        out["np"] = wmean(cf, (lambda i: r[i]) if cfg.form == "raw" else (lambda i: -ls(-cfg.sigmoid_beta * r[i])))
+    b, lsm = cfg.paired_beta, cfg.label_smoothing
     P = len(ci)
     pw = [w[ci[p]] for p in range(P)]
     swp = sum(float(x) for x in pw)
@@ -444,7 +444,7 @@ def _direct_losses(logps, n_tok, roles, ref, w, ci, ri, cfg, token_normalizer=No
             return -ls(z) * (1 - lsm) - ls(-z) * lsm
 
         out["simpo"] = pmean(simpo)
-    total = sum(getattr(cfg, k) * v for k, v in out.items())
+    total = sum(cfg.weight(k) * v for k, v in out.items())
     return total, out
 
 
@@ -475,17 +475,17 @@ def test_loss_head_matches_direct_formulas(seed, form, use_weights):
     ci = torch.tensor([0, 2, 8, 4])
     ri = torch.tensor([5, 6, 10, 11])
     cfg = LossConfig(
-        sft=0.7,
-        pp=1.3,
-        np=0.9,
-        pbl_form=form,
-        pbl_beta=0.3,
+        nll_weight=0.7,
+        pp_weight=1.3,
+        np_weight=0.9,
+        form=form,
+        sigmoid_beta=0.3,
         dpo=0.5,
         ipo=0.25,
         hinge=0.2,
         orpo=0.4,
         simpo=0.6,
-        beta=0.2,
+        paired_beta=0.2,
         simpo_gamma=0.7,
         label_smoothing=0.1,
     )
@@ -522,14 +522,16 @@ def test_loss_head_only_active_terms_and_absent_roles(seed):
     logps = torch.randn(3, requires_grad=True)
     n = torch.tensor([3.0, 4.0, 5.0])
     roles = torch.full((3,), ROLE_GOLD)
-    loss, met = preference_loss_from_logps(logps, n, roles, torch.zeros(3), LossConfig(sft=1.0, pp=1.0, np=2.0))
+    loss, met = preference_loss_from_logps(
+        logps, n, roles, torch.zeros(3), LossConfig(nll_weight=1.0, pp_weight=1.0, np_weight=2.0)
+    )
     assert {k for k in met if k.startswith("loss/")} == {"loss/sft", "loss/pp", "loss/np"}
     assert met["loss/pp"].item() == 0 and met["loss/np"].item() == 0
     assert met["margin/aligned"].item() == 0 and met["margin/conflict"].item() == 0  # no such rows
     loss.backward()
     torch.testing.assert_close(logps.grad, torch.full((3,), -1 / 12.0))
     with pytest.raises(ValueError):
-        preference_loss_from_logps(logps, n, roles, None, LossConfig(pp=1.0))
+        preference_loss_from_logps(logps, n, roles, None, LossConfig(pp_weight=1.0))
     with pytest.raises(ValueError):
         preference_loss_from_logps(logps, n, roles, torch.zeros(3), LossConfig(dpo=1.0))
 
@@ -541,7 +543,7 @@ def test_preference_loss_end_to_end_bounded_memory_path(seed):
     mask[N - 1] = True
     roles = torch.tensor([ROLE_GOLD, ROLE_ALIGNED, ROLE_CONFLICT, ROLE_GOLD, ROLE_ALIGNED, ROLE_CONFLICT])
     ref = torch.randn(N) - 30
-    cfg = LossConfig(sft=1.0, pp=0.5, np=0.5, dpo=0.3)
+    cfg = LossConfig(nll_weight=1.0, pp_weight=0.5, np_weight=0.5, dpo=0.3)
     ci, ri = torch.tensor([1, 4]), torch.tensor([2, 5])
     x = logits.requires_grad_()
     loss, met = preference_loss(x, targets, mask, roles, ref, cfg, chosen_idx=ci, rejected_idx=ri)
@@ -603,7 +605,7 @@ def test_orpo_matches_trl(seed):
     lg_o = logits.clone().requires_grad_()
     x, tgt, mask = _ours_from_trl_layout(lg_o, labels)
     roles = torch.tensor([ROLE_GOLD] * B + [ROLE_IGNORE] * B)
-    cfg = LossConfig(sft=1.0, orpo=1.0, beta=beta)
+    cfg = LossConfig(nll_weight=1.0, orpo=1.0, paired_beta=beta)
     loss, met = preference_loss(
         x, tgt, mask, roles, None, cfg, chosen_idx=torch.arange(B), rejected_idx=torch.arange(B, 2 * B), backend="torch"
     )
@@ -640,7 +642,7 @@ def test_simpo_matches_trl_cpo(seed, ls):
     losses.mean().backward()
     lg_o = logits.clone().requires_grad_()
     x, tgt, mask = _ours_from_trl_layout(lg_o, labels)
-    cfg = LossConfig(sft=0.0, simpo=1.0, beta=beta, simpo_gamma=gamma, label_smoothing=ls)
+    cfg = LossConfig(nll_weight=0.0, simpo=1.0, paired_beta=beta, simpo_gamma=gamma, label_smoothing=ls)
     loss, _ = preference_loss(
         x,
         tgt,
@@ -670,7 +672,9 @@ def test_conservative_dpo_and_hinge_match_trl_cpo_form(seed, loss_type, ls):
     losses, *_ = CPOTrainer.cpo_loss(_cpo_stub(loss_type, 0.3, ls), r[:B], r[B:])
     losses.mean().backward()
     pi_o = pi.clone().requires_grad_()
-    cfg = LossConfig(sft=0.0, beta=0.3, label_smoothing=ls, **{"dpo" if loss_type == "sigmoid" else "hinge": 1.0})
+    cfg = LossConfig(
+        nll_weight=0.0, paired_beta=0.3, label_smoothing=ls, **{"dpo" if loss_type == "sigmoid" else "hinge": 1.0}
+    )
     loss, _ = preference_loss_from_logps(
         pi_o,
         torch.full((2 * B,), 10.0, dtype=torch.float64),
@@ -737,7 +741,7 @@ def test_dpo_ipo_hinge_match_trl_dpotrainer(seed, loss_type):
     lg_o = logits.clone().requires_grad_()
     x, tgt, mask = _ours_from_trl_layout(lg_o, labels)
     key = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge"}[loss_type]
-    cfg = LossConfig(sft=0.0, beta=beta, **{key: 1.0})
+    cfg = LossConfig(nll_weight=0.0, paired_beta=beta, **{key: 1.0})
     loss, _ = preference_loss(
         x,
         tgt,

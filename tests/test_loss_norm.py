@@ -16,7 +16,7 @@ def grads(norm: str, long_len: int, np_weight: float = 0.0):
     roles = torch.tensor([ROLE_GOLD, ROLE_GOLD, ROLE_CONFLICT])
     ref = torch.tensor([-2.0, -30.0, -3.0], dtype=torch.float64)
     weights = torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64)
-    cfg = LossConfig(norm=norm, np=np_weight, pbl_form="raw")
+    cfg = LossConfig(loss_norm=norm, np_weight=np_weight, form="raw")
     loss, _ = preference_loss_from_logps(logps, n_tok, roles, ref, cfg, weights=weights)
     loss.backward()
     return logps.grad
@@ -38,4 +38,4 @@ def test_row_norm_averages_candidate_log_ratios_over_their_tokens():
 
 def test_bad_norm_refused():
     with pytest.raises(ValueError, match="norm"):
-        LossConfig(norm="rows")
+        LossConfig(loss_norm="rows")

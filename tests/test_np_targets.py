@@ -158,10 +158,10 @@ def test_protected_stale_answer_can_be_pair_only(tok):
     logps = torch.tensor([-2.0, -3.0], dtype=torch.float64, requires_grad=True)
     args = (logps, torch.tensor([2.0, 2.0]), torch.tensor([ROLE_GOLD, ROLE_IGNORE]), torch.tensor([-2.0, -3.0]))
     pair = {"chosen_idx": torch.tensor([0]), "rejected_idx": torch.tensor([1])}
-    loss, _ = preference_loss_from_logps(*args, LC(sft=0.0, np=1.0, hinge=1.0, beta=0.1), **pair)
+    loss, _ = preference_loss_from_logps(*args, LC(nll_weight=0.0, np_weight=1.0, hinge=1.0, paired_beta=0.1), **pair)
     loss.backward()
     assert float(logps.grad[1]) == pytest.approx(0.1)  # d relu(1 - 0.1 h)/d logp_rejected
     logps.grad = None
-    loss, _ = preference_loss_from_logps(*args, LC(sft=0.0, np=1.0), **pair)
+    loss, _ = preference_loss_from_logps(*args, LC(nll_weight=0.0, np_weight=1.0), **pair)
     loss.backward()
     assert float(logps.grad[1]) == 0.0

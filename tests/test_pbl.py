@@ -100,27 +100,27 @@ def direct_loss(model, groups: list[Example], cfg: LossConfig) -> torch.Tensor:
     r = lp - ref
     w = torch.tensor([x.weight for x in rows], dtype=lp.dtype)
     gold = role == ROLE_GOLD
-    if cfg.norm == "row":  # each row's token mean, weighted, over the step's gold rows; log-ratios per token
-        loss = cfg.sft * -(w[gold] * lp[gold] / ntok[gold]).sum() / gold.sum()
+    if cfg.loss_norm == "row":  # each row's token mean, weighted, over the step's gold rows; log-ratios per token
+        loss = cfg.nll_weight * -(w[gold] * lp[gold] / ntok[gold]).sum() / gold.sum()
         rp = r / ntok
     else:
-        loss = cfg.sft * -(w[gold] * lp[gold]).sum() / ntok[gold].sum()
+        loss = cfg.nll_weight * -(w[gold] * lp[gold]).sum() / ntok[gold].sum()
         rp = r
     al, cf = rp[role == ROLE_ALIGNED], rp[role == ROLE_CONFLICT]
-    if cfg.pbl_form == "raw":
-        loss = loss + cfg.pp * -al.mean() + cfg.np * cf.mean()
+    if cfg.form == "raw":
+        loss = loss + cfg.pp_weight * -al.mean() + cfg.np_weight * cf.mean()
     else:
-        b = cfg.pbl_beta
-        loss = loss + cfg.pp * -F.logsigmoid(b * al).mean() + cfg.np * -F.logsigmoid(-b * cf).mean()
+        b = cfg.sigmoid_beta
+        loss = loss + cfg.pp_weight * -F.logsigmoid(b * al).mean() + cfg.np_weight * -F.logsigmoid(-b * cf).mean()
     if cfg.dpo:
         h = r[chosen] - r[rejected]
-        loss = loss + cfg.dpo * -F.logsigmoid(cfg.beta * h).mean()
+        loss = loss + cfg.dpo * -F.logsigmoid(cfg.paired_beta * h).mean()
     if cfg.ipo:
         h = r[chosen] / ntok[chosen] - r[rejected] / ntok[rejected]
-        loss = loss + cfg.ipo * ((h - 1 / (2 * cfg.beta)) ** 2).mean()
+        loss = loss + cfg.ipo * ((h - 1 / (2 * cfg.paired_beta)) ** 2).mean()
     if cfg.hinge:
         h = r[chosen] - r[rejected]
-        loss = loss + cfg.hinge * torch.relu(1 - cfg.beta * h).mean()
+        loss = loss + cfg.hinge * torch.relu(1 - cfg.paired_beta * h).mean()
     return loss
 
 
@@ -139,13 +139,15 @@ def run_trainer(
 @pytest.mark.parametrize(
     "cfg",
     [
-        LossConfig(sft=1.0, pp=0.5, np=0.7, pbl_form="raw"),
-        LossConfig(sft=0.3, pp=1.0, np=2.0, pbl_form="sigmoid", pbl_beta=0.5),
-        LossConfig(sft=1.0, np=0.2, dpo=0.5, beta=0.3),
-        LossConfig(sft=1.0, pp=0.1, ipo=0.5, beta=0.5),
-        LossConfig(sft=1.0, hinge=0.7, beta=0.3),
-        LossConfig(sft=1.0, pp=0.5, np=0.7, pbl_form="raw", norm="row"),
-        LossConfig(sft=0.3, pp=1.0, np=2.0, pbl_form="sigmoid", pbl_beta=0.5, norm="row", hinge=0.4),
+        LossConfig(nll_weight=1.0, pp_weight=0.5, np_weight=0.7, form="raw"),
+        LossConfig(nll_weight=0.3, pp_weight=1.0, np_weight=2.0, form="sigmoid", sigmoid_beta=0.5),
+        LossConfig(nll_weight=1.0, np_weight=0.2, dpo=0.5, paired_beta=0.3),
+        LossConfig(nll_weight=1.0, pp_weight=0.1, ipo=0.5, paired_beta=0.5),
+        LossConfig(nll_weight=1.0, hinge=0.7, paired_beta=0.3),
+        LossConfig(nll_weight=1.0, pp_weight=0.5, np_weight=0.7, form="raw", loss_norm="row"),
+        LossConfig(
+            nll_weight=0.3, pp_weight=1.0, np_weight=2.0, form="sigmoid", sigmoid_beta=0.5, loss_norm="row", hinge=0.4
+        ),
     ],
     ids=["raw", "sigmoid", "dpo", "ipo", "hinge", "row-raw", "row-sigmoid-hinge"],
 )
@@ -175,7 +177,7 @@ def test_margins_are_reported():
     with torch.no_grad():
         lp = row_logps(model, rows)
     r = {role: [float(lp[i]) - x.ref_logp for i, x in enumerate(rows) if x.role == role] for role in (1, 2)}
-    _, stats = run_trainer(model, groups, LossConfig(pp=1.0, np=1.0), 2, 3)
+    _, stats = run_trainer(model, groups, LossConfig(pp_weight=1.0, np_weight=1.0), 2, 3)
     assert stats["margin_aligned"] == pytest.approx(sum(r[1]) / len(r[1]))
     assert stats["margin_conflict"] == pytest.approx(sum(r[2]) / len(r[2]))
 
@@ -192,7 +194,10 @@ def test_np_lowers_conflicting_answers():
     for c, lp in zip(conflicts, before):
         c.ref_logp = float(lp)  # the stage-start model is the reference
     drops = {}
-    for name, cfg in {"sft": LossConfig(sft=1.0), "np": LossConfig(sft=1.0, np=1.0, pbl_form="raw")}.items():
+    for name, cfg in {
+        "sft": LossConfig(nll_weight=1.0),
+        "np": LossConfig(nll_weight=1.0, np_weight=1.0, form="raw"),
+    }.items():
         model = tiny_model()
         run_trainer(model, groups, cfg, 4, 1, steps=5, lr=0.5)
         with torch.no_grad():
@@ -243,7 +248,7 @@ def test_token_budget_gives_the_same_step():
     """train.max_tokens_per_micro_batch cuts micro-batches into more forwards; the step's loss and
     gradient are those of the uncut micro-batches (every term is a share of the global step)."""
     groups = make_groups(8, seed=3)
-    cfg = LossConfig(sft=1.0, pp=0.3, np=0.2, pbl_form="sigmoid", dpo=0.1)
+    cfg = LossConfig(nll_weight=1.0, pp_weight=0.3, np_weight=0.2, form="sigmoid", dpo=0.1)
     calls = []
     plain, stats = run_trainer(tiny_model(), groups, cfg, micro=4, accum=2)
     model = tiny_model()

@@ -361,15 +361,10 @@ def test_bad_knobs_refused() -> None:
 
 
 def test_make_world_knobs(tmp_path: Path) -> None:
-    import importlib.util
+    from msl_ds.cli import make_world
 
-    spec = importlib.util.spec_from_file_location(
-        "make_world", Path(__file__).resolve().parents[1] / "launch/make_world.py"
-    )
-    mw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mw)
-    assert mw.main(["--out", str(tmp_path / "w"), "--size", "tiny", "--persistence", "1", "--max-changes", "2"]) == 0
+    assert make_world(["--out", str(tmp_path / "w"), "--size", "tiny", "--persistence", "1", "--max-changes", "2"]) == 0
     params = verify_world(tmp_path / "w")["size_params"]
     assert (params["persistence"], params["max_changes"], params["answer_pool"]) == (1.0, 2, 0)
-    assert mw.main(["--out", str(tmp_path / "bad"), "--size", "tiny", "--answer-pool", "1"]) == 2
+    assert make_world(["--out", str(tmp_path / "bad"), "--size", "tiny", "--answer-pool", "1"]) == 2
     assert not (tmp_path / "bad").exists()

@@ -20,10 +20,10 @@ bounded forms):
 * SFT  = sum_{gold} w * (-logps) / max(token_normalizer or sum_{gold} n_tokens, 1)
   (per-token NLL; pass ``token_normalizer`` = global number of gold tokens to
   normalise correctly across micro-batches / ranks).
-* ``pbl_form="raw"``:     L_PP = -sum_{aligned} w r / sum_{aligned} w,
+* ``form="raw"``:     L_PP = -sum_{aligned} w r / sum_{aligned} w,
                           L_NP = +sum_{conflict} w r / sum_{conflict} w   (unbounded)
-* ``pbl_form="sigmoid"``: L_PP = mean_w[-logsigmoid( b r)] over aligned,
-                          L_NP = mean_w[-logsigmoid(-b r)] over conflict  (b = pbl_beta)
+* ``form="sigmoid"``: L_PP = mean_w[-logsigmoid( b r)] over aligned,
+                          L_NP = mean_w[-logsigmoid(-b r)] over conflict  (b = sigmoid_beta)
 
 Paired terms over ``(chosen_idx[p], rejected_idx[p])`` follow TRL (the numerical
 reference, checked in the tests against TRL 1.16):
@@ -44,7 +44,7 @@ reference, checked in the tests against TRL 1.16):
   to SimPO too).
 
 Pair losses are averaged over pairs, weighted by ``weights[chosen_idx]``.
-Total = sft*SFT + pp*L_PP + np*L_NP + dpo*DPO + ipo*IPO + hinge*HINGE + orpo*ORPO + simpo*SimPO;
+Total = nll_weight*SFT + pp_weight*L_PP + np_weight*L_NP + dpo*DPO + ipo*IPO + hinge*HINGE + orpo*ORPO + simpo*SimPO;
 only terms with a nonzero weight are computed.  Every computed term stays connected to
 the autograd graph even when its rows are absent (it is then an exact 0 with zero
 gradient), so all ranks run the same backward.
@@ -65,42 +65,50 @@ ROLE_CONFLICT = 2
 
 _PAIR_TERMS = ("dpo", "ipo", "hinge", "orpo", "simpo")
 _NEEDS_REF = ("pp", "np", "dpo", "ipo", "hinge")
+# each term's weight field in LossConfig (the same names as the run config's pbl.* keys)
+WEIGHT_FIELD = {"sft": "nll_weight", "pp": "pp_weight", "np": "np_weight", **{t: t for t in _PAIR_TERMS}}
 
 
 @dataclass
 class LossConfig:
     """Weights and hyper-parameters of :func:`preference_loss` (see module docstring)."""
 
-    sft: float = 1.0  # gamma: weight of NLL on gold rows (token-mean over gold tokens)
-    pp: float = 0.0  # alpha: weight of L_PP on aligned rows
-    np: float = 0.0  # beta_np: weight of L_NP on conflict rows
-    pbl_form: str = "sigmoid"  # "raw" | "sigmoid"
-    pbl_beta: float = 0.1  # b in -log sigmoid(b*r) (aligned) and -log sigmoid(-b*r) (conflict)
+    nll_weight: float = 1.0  # pbl.nll_weight (gamma): weight of NLL on gold rows
+    pp_weight: float = 0.0  # pbl.pp_weight (alpha): weight of L_PP on aligned rows
+    np_weight: float = 0.0  # pbl.np_weight (beta): weight of L_NP on conflict rows
+    form: str = "sigmoid"  # pbl.form: "raw" | "sigmoid"
+    sigmoid_beta: float = 0.1  # pbl.sigmoid_beta: b in -log sigmoid(b*r) (aligned) and -log sigmoid(-b*r) (conflict)
     dpo: float = 0.0  # paired losses on (chosen_idx, rejected_idx) pairs
     ipo: float = 0.0
     hinge: float = 0.0
     orpo: float = 0.0
     simpo: float = 0.0
-    beta: float = 0.1  # beta for dpo/ipo/hinge/orpo(lambda)/simpo
+    paired_beta: float = 0.1  # pbl.paired_beta: beta for dpo/ipo/hinge/orpo(lambda)/simpo
     simpo_gamma: float = 0.5
     label_smoothing: float = 0.0  # dpo (TRL's conservative DPO); also simpo, as in TRL CPO
-    norm: str = "token"  # "token": SFT = token mean over gold rows | "row": mean of each row's own token mean
+    loss_norm: str = (
+        "token"  # train.loss_norm: "token": SFT = token mean over gold rows | "row": mean of each row's own token mean
+    )
 
     def __post_init__(self) -> None:
-        if self.pbl_form not in ("raw", "sigmoid"):
-            raise ValueError(f"pbl_form must be 'raw' or 'sigmoid', got {self.pbl_form!r}")
-        if self.norm not in ("token", "row"):
-            raise ValueError(f"norm must be 'token' or 'row', got {self.norm!r}")
+        if self.form not in ("raw", "sigmoid"):
+            raise ValueError(f"form must be 'raw' or 'sigmoid', got {self.form!r}")
+        if self.loss_norm not in ("token", "row"):
+            raise ValueError(f"loss_norm must be 'token' or 'row', got {self.loss_norm!r}")
         if not 0.0 <= self.label_smoothing <= 0.5:
             raise ValueError("label_smoothing must lie in [0, 0.5]")
-        if (self.ipo or self.dpo or self.hinge or self.orpo or self.simpo) and self.beta <= 0:
-            raise ValueError("beta must be > 0 for paired losses")
+        if (self.ipo or self.dpo or self.hinge or self.orpo or self.simpo) and self.paired_beta <= 0:
+            raise ValueError("paired_beta must be > 0 for paired losses")
 
     def needs_ref(self) -> bool:
-        return any(getattr(self, k) != 0 for k in _NEEDS_REF)
+        return any(self.weight(k) != 0 for k in _NEEDS_REF)
 
     def needs_pairs(self) -> bool:
-        return any(getattr(self, k) != 0 for k in _PAIR_TERMS)
+        return any(self.weight(k) != 0 for k in _PAIR_TERMS)
+
+    def weight(self, term: str) -> float:
+        """The weight of loss term ``term`` (``sft``, ``pp``, ``np``, ``dpo``, ...)."""
+        return getattr(self, WEIGHT_FIELD[term])
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -177,14 +185,14 @@ def preference_loss_from_logps(
     total = logps.sum() * 0.0  # graph-connected zero
     # norm "row": every row counts once whatever its length (its log-prob and log-ratio are
     # averaged over its own tokens), so a long row does not outweigh a one-word answer
-    per_row = cfg.norm == "row"
+    per_row = cfg.loss_norm == "row"
     seq = logps / n_tokens.clamp(min=1.0) if per_row else logps
     if r is not None and per_row:
         r_pbl = r / n_tokens.clamp(min=1.0)
     else:
         r_pbl = r
 
-    if cfg.sft != 0:
+    if cfg.nll_weight != 0:
         if token_normalizer is None:
             den = (gold * (torch.ones_like(n_tokens) if per_row else n_tokens)).sum()
         else:
@@ -195,16 +203,16 @@ def preference_loss_from_logps(
             )
         terms["sft"] = -(gold * w * seq).sum() / den.clamp(min=1.0)
 
-    if cfg.pp != 0:
-        if cfg.pbl_form == "raw":
+    if cfg.pp_weight != 0:
+        if cfg.form == "raw":
             terms["pp"] = -_wmean(r_pbl, aligned * w)
         else:
-            terms["pp"] = _wmean(-F.logsigmoid(cfg.pbl_beta * r_pbl), aligned * w)
-    if cfg.np != 0:
-        if cfg.pbl_form == "raw":
+            terms["pp"] = _wmean(-F.logsigmoid(cfg.sigmoid_beta * r_pbl), aligned * w)
+    if cfg.np_weight != 0:
+        if cfg.form == "raw":
             terms["np"] = _wmean(r_pbl, conflict * w)
         else:
-            terms["np"] = _wmean(-F.logsigmoid(-cfg.pbl_beta * r_pbl), conflict * w)
+            terms["np"] = _wmean(-F.logsigmoid(-cfg.sigmoid_beta * r_pbl), conflict * w)
 
     pair_metrics: dict[str, Tensor] = {}
     if cfg.needs_pairs():
@@ -215,7 +223,7 @@ def preference_loss_from_logps(
         if ci.shape != ri.shape or ci.dim() != 1:
             raise ValueError("chosen_idx / rejected_idx must be 1-D and of equal length")
         pw = w[ci]
-        beta = cfg.beta
+        beta = cfg.paired_beta
         ls = cfg.label_smoothing
         n_c = n_tokens[ci].clamp(min=1.0)
         n_r = n_tokens[ri].clamp(min=1.0)
@@ -243,7 +251,7 @@ def preference_loss_from_logps(
         pair_metrics["n/pairs"] = torch.full((), float(ci.numel()), dtype=fdt, device=dev)  # no host copy
 
     for name, val in terms.items():
-        total = total + getattr(cfg, name) * val
+        total = total + cfg.weight(name) * val
 
     metrics: dict = {
         "logps": logps.detach(),
@@ -271,6 +279,7 @@ __all__ = [
     "ROLE_ALIGNED",
     "ROLE_CONFLICT",
     "LossConfig",
+    "WEIGHT_FIELD",
     "log1mexp",
     "preference_loss_from_logps",
 ]

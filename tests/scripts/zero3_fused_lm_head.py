@@ -81,7 +81,7 @@ def run_case(build: str) -> bool:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
 
-    cfg_loss = LossConfig(sft=1.0, pp=0.5, np=0.5, pbl_form="sigmoid", dpo=0.3)
+    cfg_loss = LossConfig(nll_weight=1.0, pp_weight=0.5, np_weight=0.5, form="sigmoid", dpo=0.3)
 
     class Tiny(nn.Module):
         def __init__(self, fused=True):

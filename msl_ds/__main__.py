@@ -1,0 +1,27 @@
+"""``python -m msl_ds train|make-world|compare|make-base ...``: the commands without their scripts.
+
+``deepspeed --num_gpus N --module msl_ds train CONFIG`` is how :mod:`msl_ds.compare` launches its
+runs, so an installed package needs no checkout.
+"""
+
+import sys
+
+
+def main() -> None:
+    commands = ("train", "make-world", "compare", "make-base")
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        raise SystemExit(f"usage: python -m msl_ds {{{'|'.join(commands)}}} [arguments]")
+    cmd = sys.argv.pop(1)
+    if cmd == "train":
+        from msl_ds.cli import train as run
+    elif cmd == "make-world":
+        from msl_ds.cli import make_world as run
+    elif cmd == "compare":
+        from msl_ds.compare import main as run
+    else:
+        from msl_ds.base import main as run
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
