@@ -17,21 +17,34 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 # the other one on PATH rebuilds the op, ~1 min)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup train world base test test-slow test-fast lint bench bench-gen bench-paper clean
+# the floors of setup.py, installed exactly (uv --resolution lowest-direct), then the tests without a launcher
+test-floors:
+	test -x .venv-floors/bin/python || $(PY) -m venv .venv-floors
+	.venv-floors/bin/pip install -q uv
+	.venv-floors/bin/uv pip install -q --python .venv-floors/bin/python --resolution lowest-direct "$(TORCH)" -e ".[test]"
+	.venv-floors/bin/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
+
+.PHONY: setup setup-test test-floors train world base test test-slow test-fast lint bench bench-gen bench-paper clean
 
 # uv installs what pip would (same PyPI, same find-links), faster; --compile-bytecode as pip does:
 # with PYTHONDONTWRITEBYTECODE set (as on CI) imports would otherwise recompile on every launch (2x slower)
 UV       = $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python $(foreach l,$(PIP_FIND_LINKS),--find-links $(l))
 
+# make train installs what the default run needs (msl_ds + the MiniLM embedder); make test adds [test]
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q uv
 	$(UV) "$(TORCH)"
-	$(UV) -e ".[test]"
+	$(UV) -e ".[embed]"
 	$(BIN)/python -c "import msl_ds.distributed as d; d.build_ops()"
 	touch $@
 
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(UV) -e ".[test]"
+	touch $@
+
 setup: $(BIN)/.installed
+setup-test: $(BIN)/.installed-test
 
 world: setup
 	test -f $(WORLD)/world.json || $(BIN)/python launch/make_world.py --out $(WORLD) --size $(SIZE)
@@ -42,28 +55,28 @@ base: world
 train: base
 	$(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(CONFIG) $(ARGS)
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # the fault matrix (a rank killed in every phase, 8 launches): CI runs it after `make test`
-test-slow: setup
+test-slow: setup-test
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup-test
 	$(BIN)/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
 
-lint: setup
+lint: setup-test
 	$(BIN)/ruff check msl_ds launch tests benchmarks
 	$(BIN)/ruff format --check msl_ds launch tests benchmarks
 
-bench: setup
+bench: setup-test
 	$(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_train_throughput.py
 
 bench-gen: base
 	$(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_generation.py
 
 # the paper's comparison (README): 6 methods x 3 seeds, two single-rank runs at a time
-bench-paper: base
+bench-paper: base setup-test
 	$(BIN)/python launch/compare.py --jobs 2 --nproc 1 train.grad_accum=2 --out results/paper $(ARGS)
 
 clean:

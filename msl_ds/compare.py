@@ -205,7 +205,12 @@ def summary_markdown(res: dict[str, Any], seeds: list[int], split: str) -> str:
 
 
 def plots(res: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
+    """curves.png and matrix_<method>.png (none, with a note, without matplotlib: msl_ds[plots])."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install 'msl_ds[plots]')", flush=True)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

