@@ -123,8 +123,9 @@ GIB = float(1 << 30)
 MEMINFO = "/proc/meminfo"  # where a CPU rank reads MemAvailable
 
 
-def mem_available_bytes(path: str | os.PathLike = MEMINFO) -> int:
+def mem_available_bytes(path: str | os.PathLike | None = None) -> int:
     """The kernel's estimate of memory available to new allocations (``MemAvailable``), in bytes."""
+    path = MEMINFO if path is None else path
     with open(path, encoding="ascii") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
