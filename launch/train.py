@@ -34,7 +34,14 @@ from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_sc
 from msl_ds.fault import maybe_fault  # noqa: E402
 from msl_ds.fingerprint import FILE as FINGERPRINT  # noqa: E402
 from msl_ds.fingerprint import check_output_dir, fingerprint, record  # noqa: E402
-from msl_ds.generation import GenConfig, gen_rate_scalars, release_generation_copy, take_gen_rates, take_unfinished, track_unfinished  # noqa: E402
+from msl_ds.generation import (  # noqa: E402
+    GenConfig,
+    gen_rate_scalars,
+    release_generation_copy,
+    take_gen_rates,
+    take_unfinished,
+    track_unfinished,
+)
 from msl_ds.io import read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text  # noqa: E402
 from msl_ds.kernels import LossConfig  # noqa: E402
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer  # noqa: E402

@@ -103,7 +103,9 @@ def packing_unsupported_model(model: torch.nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     attn = str(getattr(cfg, "_attn_implementation", None) or "eager")
     if not type(model).__module__.startswith("transformers."):
-        return f"{type(model).__module__} is not transformers' own modeling code; msl_ds cannot check it for packed rows"
+        return (
+            f"{type(model).__module__} is not transformers' own modeling code; msl_ds cannot check it for packed rows"
+        )
     origin = getattr(sys.modules.get(type(model).__module__), "__file__", None)
     source = Path(origin).read_text(encoding="utf-8") if origin else None
     return unsupported_for_source(str(getattr(cfg, "model_type", "")), source, attn)

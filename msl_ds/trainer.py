@@ -256,7 +256,9 @@ class StageTrainer:
             batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         else:
             batch = {k: v.to(D.device()) for k, v in collate(rows, self.pad_id).items()}
-            logps, n_tokens = self.logprobs(batch["input_ids"], batch["attention_mask"], batch["labels"], inplace_backward=True)
+            logps, n_tokens = self.logprobs(
+                batch["input_ids"], batch["attention_mask"], batch["labels"], inplace_backward=True
+            )
         labels = batch["labels"]
         roles = torch.tensor([x.role for x in rows], dtype=torch.long, device=labels.device)
         ref = torch.tensor([x.ref_logp for x in rows], dtype=torch.float32, device=labels.device)
