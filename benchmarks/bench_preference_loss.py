@@ -83,10 +83,9 @@ LOGIT_ROWS = [
     "liger-ce",
 ]
 LINEAR_ROWS = ["naive-linear", "matmul+kernel", "fused-linear", "fused-linear-torch", "liger-dpo", "liger-flce"]
-CUDA_ONLY = {
-    "liger-ce": "Liger-Kernel's Triton kernels need CUDA",
-    "liger-flce": "Liger-Kernel's Triton kernels need CUDA",
-    "liger-dpo": "Liger-Kernel's fused DPO loss is benchmarked on CUDA only",
+CUDA_ONLY = {  # Liger's Triton kernels (its chunked DPO loss is plain torch and runs on a CPU)
+    "liger-ce": "Liger-Kernel's cross-entropy is a Triton kernel (CUDA only)",
+    "liger-flce": "Liger-Kernel's fused linear cross-entropy is a Triton kernel (CUDA only)",
 }
 
 
