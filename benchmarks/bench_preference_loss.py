@@ -15,6 +15,20 @@ Contenders (all followed by the same cheap loss head: SFT on chosen rows + DPO o
 * ``fused-linear-keep<K>``  ``fused-linear`` with ``keep_blocks=K`` (asked for by name only);
 * ``liger-dpo``        Liger-Kernel ``LigerFusedLinearDPOLoss`` (reference-free, when installed).
 
+Library baselines (per-row answer log-probs, then the same loss head):
+
+* ``torch-ce``         ``F.cross_entropy(reduction="none")`` in the logits' own dtype (the bf16 rows
+                       are the bf16 cross-entropy baseline: no fp32 upcast of [N,T,V]);
+* ``trl-selective``    TRL's ``selective_log_softmax`` (``trl.trainer.utils``), what its trainers use;
+* ``liger-ce``         Liger-Kernel ``LigerCrossEntropyLoss(reduction="none")`` (Triton: CUDA only);
+* ``liger-flce``       Liger-Kernel ``LigerFusedLinearCrossEntropyLoss(reduction="none")`` (linear row,
+                       CUDA only).
+
+A contender that cannot run here (Liger on a CPU, TRL not installed) is skipped with the reason printed.
+
+Run-to-run spread: every contender is timed in ``--runs`` separate runs (fresh processes on CPU),
+each the median of ``--reps`` steps; the table shows the median of the runs with their min–max.
+
 Ratios: logit-based rows are relative to ``naive``; linear rows to ``naive-linear``; the
 ``x mm+k`` column relates ``fused-linear`` to ``matmul+kernel``.
 
@@ -58,8 +72,21 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-LOGIT_ROWS = ["naive", "chunked", "chunked-inplace", "triton", "triton-inplace"]
-LINEAR_ROWS = ["naive-linear", "matmul+kernel", "fused-linear", "fused-linear-torch", "liger-dpo"]
+LOGIT_ROWS = [
+    "naive",
+    "chunked",
+    "chunked-inplace",
+    "triton",
+    "triton-inplace",
+    "torch-ce",
+    "trl-selective",
+    "liger-ce",
+]
+LINEAR_ROWS = ["naive-linear", "matmul+kernel", "fused-linear", "fused-linear-torch", "liger-dpo", "liger-flce"]
+CUDA_ONLY = {  # Liger's Triton kernels (its chunked DPO loss is plain torch and runs on a CPU)
+    "liger-ce": "Liger-Kernel's cross-entropy is a Triton kernel (CUDA only)",
+    "liger-flce": "Liger-Kernel's fused linear cross-entropy is a Triton kernel (CUDA only)",
+}
 
 
 # ----------------------------------------------------------------------------- memory helpers (CPU)
@@ -167,7 +194,31 @@ def _step(spec: dict, inp: dict) -> None:
         loss = out[0] if isinstance(out, tuple) else out
         loss.backward()
         return
-    if c in ("naive", "naive-linear"):
+    if c == "liger-flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        H = inp["hidden"].shape[-1]
+        ce = LigerFusedLinearCrossEntropyLoss(reduction="none")(
+            inp["weight"], inp["hidden"].reshape(-1, H), t.masked_fill(~m, -100).reshape(-1)
+        )
+        logps, n = -(ce.view(t.shape) * m).sum(1).float(), m.sum(1).float()
+    elif c in ("torch-ce", "liger-ce", "trl-selective"):
+        x = _sink(inp["logits"])
+        V = x.shape[-1]
+        if c == "trl-selective":
+            from trl.trainer.utils import selective_log_softmax
+
+            tok = selective_log_softmax(x, t)
+        elif c == "torch-ce":
+            import torch.nn.functional as F
+
+            tok = -F.cross_entropy(x.reshape(-1, V), t.reshape(-1), reduction="none").view(t.shape)
+        else:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+
+            tok = -LigerCrossEntropyLoss(reduction="none")(x.reshape(-1, V), t.reshape(-1)).view(t.shape)
+        logps, n = (tok.float() * m).sum(1), m.sum(1).float()
+    elif c in ("naive", "naive-linear"):
         x = _sink(inp["logits"]) if c == "naive" else inp["hidden"] @ inp["weight"].T
         logps, n = naive_sequence_logprobs(x, t, m)
     elif c == "matmul+kernel":
@@ -315,10 +366,31 @@ def run_isolated(spec: dict) -> dict:
     mem = _subprocess(dict(spec, what="mem"), dict(base_env, MALLOC_MMAP_THRESHOLD_="131072"))
     if "error" in mem:
         return mem
-    tim = _subprocess(dict(spec, what="time"), base_env)
-    if "error" in tim:
-        return tim
-    return {"time_s": tim["time_s"], "extra_bytes": mem["extra_bytes"]}
+    runs = []
+    for _ in range(spec.get("runs", 1)):
+        tim = _subprocess(dict(spec, what="time"), base_env)
+        if "error" in tim:
+            return tim
+        runs.append(tim["time_s"])
+    return {**spread(runs), "extra_bytes": mem["extra_bytes"]}
+
+
+def spread(runs: list[float]) -> dict:
+    """The median of the runs' times, with their min and max."""
+    return {"time_s": statistics.median(runs), "time_min": min(runs), "time_max": max(runs), "runs": len(runs)}
+
+
+def measure_cuda_runs(spec: dict) -> dict:
+    """CUDA: ``spec["runs"]`` measurements in this process (memory from the first)."""
+    out = measure_cuda(spec)
+    if "error" in out:
+        return out
+    runs = [out["time_s"]] + [
+        measure_cuda(dict(spec, what="time")).get("time_s") for _ in range(spec.get("runs", 1) - 1)
+    ]
+    if any(r is None for r in runs):
+        return {"error": "a repeated run failed"}
+    return {**out, **spread(runs)}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -344,6 +416,7 @@ def main() -> int:
         "hardware support on typical CI CPUs and is ~40x slower than fp32; else same as --dtypes)",
     )
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--runs", type=int, default=3, help="separate timing runs per contender (median, min-max shown)")
     ap.add_argument("--prompt-frac", type=float, default=0.0, help="fraction of each row that is masked prompt")
     ap.add_argument("--contenders", nargs="+", default=None)
     ap.add_argument(
@@ -382,19 +455,25 @@ def main() -> int:
     N = tokens // T
     assert N % 2 == 0, "N = tokens // seq must be even (chosen/rejected halves)"
     have_triton = cuda
-    try:
-        import liger_kernel  # noqa: F401
+    import importlib.util
 
-        have_liger = True
-    except Exception:
-        have_liger = False
+    have_liger = importlib.util.find_spec("liger_kernel") is not None
+    have_trl = importlib.util.find_spec("trl") is not None
+    skipped = {}
+    for c in LOGIT_ROWS + LINEAR_ROWS:
+        if c.startswith("liger") and not have_liger:
+            skipped[c] = "liger-kernel is not installed"
+        elif c in CUDA_ONLY and not cuda:
+            skipped[c] = CUDA_ONLY[c]
+        elif c.startswith("trl") and not have_trl:
+            skipped[c] = "trl is not installed"
     contenders = a.contenders or [
         c
         for c in LOGIT_ROWS + LINEAR_ROWS
-        if (have_triton or not c.startswith("triton"))
-        and (have_liger or c != "liger-dpo")
-        and (cuda or c != "fused-linear-torch")
+        if (have_triton or not c.startswith("triton")) and c not in skipped and (cuda or c != "fused-linear-torch")
     ]
+    for c, why in skipped.items():
+        print(f"# skipped {c}: {why}")
     print(
         f"# device={'cuda:' + torch.cuda.get_device_name() if cuda else 'cpu'} threads={a.threads or torch.get_num_threads()} "
         f"N={N} T={T} tokens={tokens} H={H} prompt_frac={a.prompt_frac} reps={reps} torch={torch.__version__}"
@@ -421,8 +500,9 @@ def main() -> int:
                     prompt_frac=a.prompt_frac,
                     threads=a.threads,
                     profile=a.profile,
+                    runs=a.runs,
                 )
-                r = run_isolated(spec) if not cuda else measure_cuda(spec)
+                r = run_isolated(spec) if not cuda else measure_cuda_runs(spec)
                 res[c] = r
                 base = res.get("naive" if c in LOGIT_ROWS else "naive-linear", {})
                 row = dict(V=V, dtype=dt, contender=c, **r)
@@ -441,7 +521,7 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     hdr = (
-        "| V | dtype | contender | fwd+bwd ms | x naive | floor ms | x floor | x mm+k "
+        f"| V | dtype | contender | fwd+bwd ms, median of {a.runs} runs (min–max) | x naive | floor ms | x floor | x mm+k "
         "| peak extra MiB | x naive | work MiB |"
     )
     if a.profile:
@@ -454,7 +534,8 @@ def main() -> int:
             continue
 
         print(
-            f"| {r['V']} | {r['dtype']} | {r['contender']} | {r['time_s'] * 1e3:.1f} | {_fmt(r, 'time_ratio', '.2f')} "
+            f"| {r['V']} | {r['dtype']} | {r['contender']} | {r['time_s'] * 1e3:.1f} "
+            f"({_fmt(r, 'time_min', '.1f', 1e3)}–{_fmt(r, 'time_max', '.1f', 1e3)}) | {_fmt(r, 'time_ratio', '.2f')} "
             f"| {_fmt(r, 'floor_s', '.2f', 1e3)} | {_fmt(r, 'floor_ratio', '.2f')} | {_fmt(r, 'mmk_ratio', '.2f')} "
             f"| {r['extra_bytes'] / 2**20:.1f} | {_fmt(r, 'mem_ratio', '.3f')} | {_fmt(r, 'work_bytes', '.1f', 2**-20)} |"
             + (f" {_fmt(r, 'busy_s', '.2f', 1e3)} | {r.get('kernels', '-')} |" if a.profile else "")

@@ -41,3 +41,15 @@ if python3 -c "import liger_kernel" 2>/dev/null; then
   step liger 120 python3 benchmarks/bench_preference_loss.py --contenders naive-linear fused-linear liger-dpo
   grep -v '^{' "$OUT/liger.log" | tail -8
 fi
+# library baselines of the loss bench on the GPU (median of 3 runs, min-max): bf16 cross-entropy,
+# TRL's selective_log_softmax (when trl is importable), Liger's cross-entropy and fused-linear CE
+baselines=(naive chunked-inplace triton-inplace torch-ce naive-linear fused-linear)
+python3 -c "import trl" 2>/dev/null && baselines+=(trl-selective)
+python3 -c "import liger_kernel" 2>/dev/null && baselines+=(liger-ce liger-flce)
+step baselines 300 python3 benchmarks/bench_preference_loss.py --runs 3 --json "$OUT/baselines.json" \
+  --contenders "${baselines[@]}"
+grep -v '^{' "$OUT/baselines.log" | tail -20
+# generation under ZeRO-3 with eval.gather_max_gib=auto and synced batches, and padding-free packing:
+# the unit and 2-rank tests run on CUDA too (nccl ranks are not needed: the decision is per process group)
+step gen_mode 200 python3 -m pytest -q -p no:cacheprovider tests/test_generation_mode.py tests/test_packing.py
+tail -4 "$OUT/gen_mode.log"

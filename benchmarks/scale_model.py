@@ -119,7 +119,7 @@ class Workload:
     mfu_train: float = 0.40  # assumed model-FLOPs utilisation of training (the target)
     mfu_forward: float = 0.50  # reference log-probs (forward only, large batches)
     gen_step_overhead_s: float = 0.025  # HF generate's fixed cost per decode step
-    gather_max_gib: float = 24.0  # eval.gather_max_gib of run_gpu_8b.yaml
+    gather_max_gib: float = 24.0  # GiB left for a gathered copy (run_gpu_8b.yaml measures it: eval.gather_max_gib=auto)
 
 
 def train_rows(w: Workload) -> tuple[float, float]:

@@ -20,18 +20,21 @@ from typing import Sequence
 from msl_ds.data import Example, flatten, micro_batches
 
 
-def padded_tokens(groups: Sequence[Example]) -> int:
-    """Tokens of the collated forward of ``groups``: rows x the longest row (padding included)."""
+def padded_tokens(groups: Sequence[Example], packed: bool = False) -> int:
+    """Tokens of the collated forward of ``groups``: rows x the longest row (padding included), or
+    the sum of the rows' lengths when they are packed (``train.packing``)."""
     rows, _, _ = flatten(list(groups))
+    if packed:
+        return sum(len(r.input_ids) for r in rows)
     return len(rows) * max((len(r.input_ids) for r in rows), default=0)
 
 
-def split_by_tokens(mb: list[int], examples: Sequence[Example], budget: int) -> list[list[int]]:
+def split_by_tokens(mb: list[int], examples: Sequence[Example], budget: int, packed: bool = False) -> list[list[int]]:
     """``mb`` (example indices) cut in order into parts of at most ``budget`` padded tokens."""
     parts: list[list[int]] = []
     cur: list[int] = []
     for i in mb:
-        if cur and padded_tokens([examples[j] for j in [*cur, i]]) > budget:
+        if cur and padded_tokens([examples[j] for j in [*cur, i]], packed) > budget:
             parts.append(cur)
             cur = []
         cur.append(i)
@@ -41,14 +44,15 @@ def split_by_tokens(mb: list[int], examples: Sequence[Example], budget: int) -> 
 
 
 def token_micro_batches(
-    global_batch: list[int], micro: int, accum: int, world: int, rank: int, examples: Sequence[Example], budget: int
-) -> list[list[int] | None]:
+    global_batch: list[int], micro: int, accum: int, world: int, rank: int, examples: Sequence[Example], budget: int,
+    packed: bool = False,
+) -> list[list[int] | None]:  # fmt: skip
     """This rank's forwards for one global batch: parts of at most ``budget`` padded tokens, as
     many on every rank (``None`` = a filler forward, see the module docstring)."""
     out: list[list[int] | None] = []
     for k in range(accum):
         per_rank = [
-            split_by_tokens(micro_batches(global_batch, micro, accum, world, r)[k], examples, budget)
+            split_by_tokens(micro_batches(global_batch, micro, accum, world, r)[k], examples, budget, packed)
             for r in range(world)
         ]
         mine = per_rank[rank]

@@ -89,6 +89,7 @@ class TrainSection:
     gradient_checkpointing: bool = False
     max_tokens_per_micro_batch: int = 0
     loss_norm: Literal["row", "token"] = "token"
+    packing: bool = False
 
 
 @dataclass
@@ -183,7 +184,9 @@ class EvalSection:
     top_k: int = 0
     max_unfinished: float = 0.2
     generation: Literal["auto", "gathered", "synced"] = "auto"
-    gather_max_gib: float = 8.0
+    gather_max_gib: float | Literal["auto"] = "auto"
+    gather_headroom_gib: float = 4.0
+    synced_batch_size: int = 256
     retain: bool = True
     general: bool = True
 
@@ -508,6 +511,18 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.source}: eval.batch_size and eval.max_new_tokens must be >= 1")
     if cfg.eval.top_k < 0 or not 0.0 <= cfg.eval.max_unfinished <= 1.0:
         raise ConfigError(f"{cfg.source}: eval.top_k must be >= 0 and eval.max_unfinished in [0, 1]")
+    e = cfg.eval
+    if (e.gather_max_gib != "auto" and e.gather_max_gib < 0) or e.gather_headroom_gib < 0 or e.synced_batch_size < 1:
+        raise ConfigError(
+            f"{cfg.source}: eval.gather_max_gib must be auto or >= 0, eval.gather_headroom_gib >= 0 and "
+            f"eval.synced_batch_size >= 1"
+        )
+    if t.packing:
+        from msl_ds.packing import packing_unsupported  # imports transformers: only when asked for
+
+        why = packing_unsupported(cfg.model.path, cfg.model.attn_implementation, cfg.model.trust_remote_code)
+        if why:
+            raise ConfigError(f"{cfg.source}: train.packing=true: {why}; set train.packing=false")
     b = cfg.pbl
     if b.samples < 1 or b.batch_size < 1 or b.max_new_tokens < 1:
         raise ConfigError(f"{cfg.source}: pbl.samples, pbl.batch_size and pbl.max_new_tokens must be >= 1")

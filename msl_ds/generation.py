@@ -3,16 +3,22 @@
 Rank 0 fixes the job list and broadcasts it. The jobs are cut into batches *globally* (sorted by
 prompt length, then index) and the batches are dealt to ranks round-robin, so a batch's contents,
 and with them its sampling seed and padding, do not depend on the world size: 1 rank and 8 ranks
-generate the same text, sampled or greedy. When the full weights fit (a memory estimate against ``eval.gather_max_gib``), each rank gathers them once into
-a hook-free copy and generates its shard independently with batching and a KV cache; otherwise every rank steps
-through ``generate(synced_gpus=True)`` together, gathering parameters layer by layer per token.
+generate the same text, sampled or greedy. When the full weights fit (see :func:`choose_mode`), each rank gathers
+them once into a hook-free copy and generates its shard independently with batching and a KV cache; otherwise every
+rank steps through ``generate(synced_gpus=True)`` together, gathering parameters layer by layer per token, in batches
+of ``eval.synced_batch_size`` prompts (one gather per layer and token serves the whole batch).
 The results are gathered back in job order, so the output does not depend on the world size.
+
+Every call records its phase's generated tokens and wall time (:func:`take_gen_rates`): generation
+tokens/s per phase, logged on rank 0 and reported in the stage's metrics and TensorBoard.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +42,9 @@ class GenConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     mode: str = "auto"  # auto | gathered | synced
-    gather_max_gib: float = 8.0
+    gather_max_gib: float | str = "auto"  # a number (GiB), or "auto": free memory measured at run time
+    gather_headroom_gib: float = 4.0  # auto: kept free for the KV cache, activations and allocator slack
+    synced_batch_size: int = 0  # prompts per batch in synced mode (0: batch_size)
     seed: int = 0
     top_k: int = 0  # 0: no top-k cut when sampling
     max_unfinished: float = 0.2  # warn when a larger share of a call's generations hits max_new_tokens
@@ -52,6 +60,8 @@ class GenConfig:
             top_p=e.top_p,
             mode=e.generation,
             gather_max_gib=e.gather_max_gib,
+            gather_headroom_gib=e.gather_headroom_gib,
+            synced_batch_size=e.synced_batch_size,
             seed=seed,
             top_k=e.top_k,
             max_unfinished=e.max_unfinished,
@@ -109,13 +119,85 @@ def full_param_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+GIB = float(1 << 30)
+MEMINFO = "/proc/meminfo"  # where a CPU rank reads MemAvailable
+
+
+def mem_available_bytes(path: str | os.PathLike | None = None) -> int:
+    """The kernel's estimate of memory available to new allocations (``MemAvailable``), in bytes."""
+    path = MEMINFO if path is None else path
+    with open(path, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"{path}: no MemAvailable line")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What this rank could still allocate: on CUDA the device's free memory plus what PyTorch's
+    allocator holds unused; on a CPU the node's ``MemAvailable`` divided by its ranks
+    (``LOCAL_WORLD_SIZE``: each of them would hold a full copy)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return mem_available_bytes() // local
+
+
+def gather_budget(cfg: GenConfig, device: torch.device) -> tuple[float, str]:
+    """GiB the gathered copy may take, the same on every rank, and how it was found.
+
+    A number is taken as written. ``auto`` measures every rank's free memory (after the engine
+    is built: partitions, optimizer state and buffers are already allocated) and rank 0 decides
+    from the smallest, minus ``eval.gather_headroom_gib``; the decision is broadcast, so every rank
+    picks the same mode even where their measurements differ (collective: all ranks call it).
+    """
+    if cfg.gather_max_gib != "auto":
+        return float(cfg.gather_max_gib), f"eval.gather_max_gib={cfg.gather_max_gib}"
+    free = D.all_gather_objects(free_memory_bytes(device) / GIB)
+
+    def decide() -> tuple[float, str]:
+        low = min(free)
+        budget = max(0.0, low - cfg.gather_headroom_gib)
+        why = (
+            f"eval.gather_max_gib=auto: {budget:.2f} GiB = smallest free memory over {len(free)} rank(s) "
+            f"{low:.2f} GiB - eval.gather_headroom_gib {cfg.gather_headroom_gib:g}"
+        )
+        return budget, why
+
+    return D.rank0_decides(decide)
+
+
+def decide_mode(need_bytes: int, budget_gib: float) -> str:
+    """``gathered`` when a full copy of ``need_bytes`` fits ``budget_gib``, else ``synced``."""
+    return "gathered" if need_bytes <= budget_gib * GIB else "synced"
+
+
 def choose_mode(model: torch.nn.Module, cfg: GenConfig) -> str:
+    """The generation mode of a call: ``cfg.mode`` when set; ``local`` for an unpartitioned model;
+    else gathered or synced by :func:`decide_mode` against :func:`gather_budget`.
+
+    With ``auto`` the budget is measured once per engine (until :func:`release_generation_copy`):
+    a copy built by an earlier phase must not count against the next one.
+    """
     if cfg.mode != "auto":
         return cfg.mode
     partitioned = any(D.is_partitioned(p) for p in model.parameters())
     if not partitioned:
         return "local"
-    return "gathered" if full_param_bytes(model) <= cfg.gather_max_gib * 2**30 else "synced"
+    key = (cfg.gather_max_gib, cfg.gather_headroom_gib)
+    known = _Copy.budget if _Copy.budget_owner is not None and _Copy.budget_owner() is model else None
+    if known is None or known[0] != key:
+        budget, why = gather_budget(cfg, next(model.parameters()).device)
+        known = (key, budget, why)
+        _Copy.budget_owner, _Copy.budget = weakref.ref(model), known
+        need = full_param_bytes(model)
+        if D.is_rank0():
+            log.info(
+                "generation: %s (full weights %.2f GiB, budget %.2f GiB: %s)",
+                decide_mode(need, budget), need / GIB, budget, why,
+            )  # fmt: skip
+    return decide_mode(full_param_bytes(model), known[1])
 
 
 @torch.no_grad()
@@ -166,6 +248,8 @@ class _Copy:
     owner: "weakref.ref[torch.nn.Module] | None" = None
     checksum: tuple[float, float] | None = None
     model: torch.nn.Module | None = None
+    budget_owner: "weakref.ref[torch.nn.Module] | None" = None  # the module the measured budget is for
+    budget: tuple[Any, float, str] | None = None  # ((gather_max_gib, headroom), GiB, why)
     built = 0  # copies built in this process (tests count them)
 
 
@@ -192,6 +276,7 @@ def generation_copy(module: torch.nn.Module) -> torch.nn.Module:
 def release_generation_copy() -> None:
     """Free the generation copy (call before training: the weights are about to change)."""
     _Copy.owner = _Copy.checksum = _Copy.model = None
+    _Copy.budget_owner = _Copy.budget = None  # the next phase measures again (the weights' memory came back)
 
 
 # --------------------------------------------------------------------------- unfinished generations
@@ -212,9 +297,12 @@ def track_unfinished(path: str | Path) -> None:
     generating it again reports the same shares as an uninterrupted one.
     """
     _UNFINISHED.clear()
+    _RATES.clear()
     _TRACK["path"] = Path(path)
     if Path(path).is_file():
         _UNFINISHED.update(read_json(path))
+    if Path(path).with_name(RATES_FILE).is_file():  # generation tokens/s, kept the same way
+        _RATES.update(read_json(Path(path).with_name(RATES_FILE)))
 
 
 def take_unfinished() -> dict[str, float]:
@@ -246,6 +334,57 @@ def _count_unfinished(desc: str, outputs: list[dict[str, Any]], cfg: GenConfig) 
         )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- generation tokens/s
+
+_RATES: dict[str, list[float]] = {}  # call (phase_key) -> [generated tokens, seconds] since the last take
+RATES_FILE = "gen_rates.json"  # next to the tracked unfinished counts: a resumed stage reads them
+RATE_PHASES = ("probe", "augment")  # calls starting with these add up to one phase; the others are their own
+
+
+def rate_phase(key: str) -> str:
+    """The phase a call counts toward: ``probe_samples`` -> ``probe``, ``pre_eval`` -> ``pre_eval``."""
+    return next((p for p in RATE_PHASES if key == p or key.startswith(p + "_")), key)
+
+
+def _count_rate(desc: str, outputs: list[dict[str, Any]], seconds: float, mode: str) -> None:
+    """Record (and log on rank 0) one call's generated tokens and wall time.
+
+    Tokens are what the model produced for every prompt, through its end token (all ranks'); the
+    time is rank 0's, from the plan to the gathered results. A call counts once (its last run),
+    like the unfinished shares, so a resumed stage reports the phases it did not redo as they were.
+    """
+    if not outputs:
+        return
+    tokens = sum(len(o["ids"]) for o in outputs)
+    _RATES[phase_key(desc)] = [float(tokens), float(seconds)]
+    if "path" in _TRACK and D.is_rank0():
+        write_json(_TRACK["path"].with_name(RATES_FILE), _RATES)
+    if D.is_rank0():
+        log.info(
+            "%s: %d prompts, %d tokens in %.1f s: %.1f generated tokens/s (%s, %d rank(s))",
+            desc, len(outputs), tokens, seconds, tokens / max(seconds, 1e-9), mode, D.world_size(),
+        )  # fmt: skip
+
+
+def take_gen_rates() -> dict[str, float]:
+    """``{"gen_tokens_per_s_<phase>": tokens/s}`` since the last call (then forgotten): the tokens
+    over the seconds of every call of a phase (:func:`rate_phase`: probe, augment, pre_eval, eval).
+    The same on every rank."""
+    sums: dict[str, list[float]] = {}
+    for key, (tokens, seconds) in _RATES.items():
+        acc = sums.setdefault(rate_phase(key), [0.0, 0.0])
+        acc[0] += tokens
+        acc[1] += seconds
+    _RATES.clear()
+    return {f"gen_tokens_per_s_{k}": n / s for k, (n, s) in sorted(sums.items()) if s > 0}
+
+
+def gen_rate_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """Stage metrics' ``gen_tokens_per_s_<phase>`` as TensorBoard scalars ``perf/gen_tokens_per_s/<phase>``."""
+    prefix = "gen_tokens_per_s_"
+    return {f"perf/gen_tokens_per_s/{k[len(prefix) :]}": v for k, v in metrics.items() if k.startswith(prefix)}
+
+
 # --------------------------------------------------------------------------- generate
 
 
@@ -265,8 +404,10 @@ def generate(
     gen_config = hf_generation_config(cfg, stops, pad)
     jobs = [(i, prompt_ids(tokenizer, q)) for i, q in enumerate(questions)]
     w, r = D.world_size(), D.rank()
-    batches = global_batches(jobs, cfg.batch_size)[r::w]  # round-robin: every rank gets short and long ones
+    t0 = time.perf_counter()
     mode = choose_mode(model, cfg)
+    size = cfg.synced_batch_size if mode == "synced" and cfg.synced_batch_size > 0 else cfg.batch_size
+    batches = global_batches(jobs, size)[r::w]  # round-robin: every rank gets short and long ones
     if mode == "synced":  # every rank must call generate the same number of times
         n = max(D.all_gather_objects(len(batches)))
         batches += [[]] * (n - len(batches))
@@ -284,8 +425,10 @@ def generate(
     del gen_model
     model.train(was_training)
     merged = sorted(D.gather_shards(results))
+    seconds = D.rank0_decides(lambda: time.perf_counter() - t0)  # rank 0's wall clock: the phase's time
     outputs = [_decode(tokenizer, toks, set(stops), pad) for _, toks in merged]
     _count_unfinished(desc, outputs, cfg)
+    _count_rate(desc, outputs, seconds, mode)
     return outputs
 
 

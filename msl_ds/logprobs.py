@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from msl_ds.kernels import FusedLMHeadLogprobs, sequence_logprobs
+from msl_ds.packing import segment_sum
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ def install_fused_head(head: torch.nn.Linear, **fused_kw: Any) -> FusedLMHeadLog
         if fused.pending is None:
             return plain(hidden)
         (targets, mask), fused.pending = fused.pending, None
+        if hidden.shape[:-1] != targets.shape:  # packed rows: [1, L, H] scored per position as [L, 1, H]
+            hidden = hidden.reshape(*targets.shape, hidden.shape[-1])
         return fused(hidden, targets, mask)[0]
 
     object.__setattr__(head, "_msl_fused", fused)
@@ -136,3 +139,32 @@ class AnswerLogprobs:
             )
         n_tokens = mask.sum(1).to(logps.dtype)
         return logps, n_tokens
+
+    def packed(
+        self, input_ids: Tensor, position_ids: Tensor, labels: Tensor, row_index: Tensor, rows: int,
+        *, inplace_backward: bool = False,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The same ``(logps [rows], n_tokens [rows])`` from rows packed into one sequence
+        (:func:`msl_ds.packing.collate_packed`): no attention mask, ``position_ids`` restarting per
+        row; every position is scored as a sequence of its own, then summed back per row."""
+        L = labels.shape[1]
+        targets = labels.reshape(L, 1)
+        mask = targets != -100
+        kw = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+        if self.mode == "logits":
+            logits = self.engine(**kw).logits
+            per_token, _ = sequence_logprobs(
+                logits.reshape(L, 1, logits.shape[-1]), targets, mask, inplace_backward=inplace_backward
+            )
+        else:
+            with self._request(targets, mask):
+                per_token = self.engine(**kw).logits
+                if self._fused.pending is not None:
+                    raise RuntimeError("train.logprobs=fused_linear: the model's forward never called its lm_head")
+            if per_token.shape != (L,):
+                raise RuntimeError(
+                    f"train.logprobs=fused_linear: the model turned the lm-head's [positions] output into "
+                    f"{tuple(per_token.shape)}; use train.logprobs=logits for {type(self.engine.module).__name__}"
+                )
+        logps = segment_sum(per_token, row_index, rows)
+        return logps, segment_sum(mask.reshape(L).to(logps.dtype), row_index, rows)

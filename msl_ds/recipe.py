@@ -35,7 +35,14 @@ from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_sc
 from msl_ds.fault import maybe_fault
 from msl_ds.fingerprint import FILE as FINGERPRINT
 from msl_ds.fingerprint import check_output_dir, fingerprint, record
-from msl_ds.generation import GenConfig, release_generation_copy, take_unfinished, track_unfinished
+from msl_ds.generation import (
+    GenConfig,
+    gen_rate_scalars,
+    release_generation_copy,
+    take_gen_rates,
+    take_unfinished,
+    track_unfinished,
+)
 from msl_ds.io import read_json, read_jsonl, write_json, write_jsonl, write_marker, write_text
 from msl_ds.kernels import LossConfig
 from msl_ds.modeling import ModelError, check_model_dir, export_model, load_tokenizer
@@ -275,7 +282,7 @@ class Recipe:
                 engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} eval", dict.fromkeys(sets, now)
             )
         release_generation_copy()
-        stats = {**stats, **take_unfinished()}  # unfinished_<phase>: share of generations that hit the length cap
+        stats = {**stats, **take_unfinished(), **take_gen_rates()}  # unfinished_<phase>, gen_tokens_per_s_<phase>
         D.destroy_engine(engine)
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
@@ -479,6 +486,7 @@ class Recipe:
         self.monitor.scalars({f"probe/{k.removeprefix('probe_')}": v for k, v in m.items() if k in PROBE_KEYS}, step)
         self.monitor.scalars({f"stage/{k}": m[k] for k in ("margin_aligned", "margin_conflict") if k in m}, step)
         self.monitor.scalars({f"pbl/{k}": m[k] for k in DIAG_KEYS if m.get(k) is not None}, step)
+        self.monitor.scalars(gen_rate_scalars(m), step)  # perf/gen_tokens_per_s/<phase>
         self.monitor.scalars(
             {f"augment/{k.removeprefix('aug_')}": v for k, v in m.items() if k.startswith("aug_")}, step
         )

@@ -24,12 +24,13 @@ import torch
 
 from msl_ds import distributed as D
 from msl_ds.batching import filler, token_micro_batches
-from msl_ds.config import TrainSection
+from msl_ds.config import ConfigError, TrainSection
 from msl_ds.data import Example, collate, flatten, micro_batches
 from msl_ds.fault import maybe_fault
 from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, WEIGHT_FIELD, LossConfig, preference_loss_from_logps
 from msl_ds.logprobs import AnswerLogprobs
 from msl_ds.monitor import Monitor, duration, progress
+from msl_ds.packing import collate_packed, packing_unsupported_model
 from msl_ds.telemetry import Throughput
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ class StageTrainer:
     def logprobs(self) -> AnswerLogprobs:
         """The answer log-prob path of ``train.logprobs`` (built on first use)."""
         if self._logprobs is None:
+            if self.cfg.packing:  # the config check read the model dir; this is the model that runs
+                why = packing_unsupported_model(self.engine.module)
+                if why:
+                    raise ConfigError(f"train.packing=true: {why}; set train.packing=false")
             self._logprobs = AnswerLogprobs(self.engine, self.cfg.logprobs)
         return self._logprobs
 
@@ -195,7 +200,7 @@ class StageTrainer:
         micro, accum = self.cfg.micro_batch_size, self.cfg.grad_accum
         budget = self.cfg.max_tokens_per_micro_batch
         if budget > 0:
-            return token_micro_batches(batch, micro, accum, w, r, self.examples, budget)
+            return token_micro_batches(batch, micro, accum, w, r, self.examples, budget, self.cfg.packing)
         return list(micro_batches(batch, micro, accum, w, r))
 
     def _nonfinite_message(self, step: int, what: str) -> str:
@@ -244,11 +249,21 @@ class StageTrainer:
         multiplied by zero and nothing is tallied.
         """
         rows, chosen, rejected = flatten(groups)
-        batch = {k: v.to(D.device()) for k, v in collate(rows, self.pad_id).items()}
-        labels = batch["labels"]
         # logits path: they feed nothing but this loss, so its backward may overwrite them with
         # their gradient instead of allocating a second [B, T, V] buffer
-        logps, n_tokens = self.logprobs(batch["input_ids"], batch["attention_mask"], labels, inplace_backward=True)
+        if self.cfg.packing:  # one sequence, no padding (msl_ds.packing)
+            batch = {k: v.to(D.device()) for k, v in collate_packed(rows).items()}
+            logps, n_tokens = self.logprobs.packed(
+                batch["input_ids"], batch["position_ids"], batch["labels"], batch["row_index"], len(rows),
+                inplace_backward=True,
+            )  # fmt: skip
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        else:
+            batch = {k: v.to(D.device()) for k, v in collate(rows, self.pad_id).items()}
+            logps, n_tokens = self.logprobs(
+                batch["input_ids"], batch["attention_mask"], batch["labels"], inplace_backward=True
+            )
+        labels = batch["labels"]
         roles = torch.tensor([x.role for x in rows], dtype=torch.long, device=labels.device)
         ref = torch.tensor([x.ref_logp for x in rows], dtype=torch.float32, device=labels.device)
         weights = torch.tensor([x.weight for x in rows], dtype=torch.float32, device=labels.device)
@@ -276,11 +291,9 @@ class StageTrainer:
         margin = (metrics["logps"].float() - ref).cpu()
         tally = {"loss": value / self.cfg.grad_accum, **{k: float(v) for k, v in local.items()}}
         ids = batch["input_ids"]
-        tally.update(
-            tok_all=float(ids.numel()),
-            tok_real=float(batch["attention_mask"].sum()),
-            tok_seq=float(ids.numel() * ids.shape[1]),
-        )
+        # attention spans a row, not the packed sequence: positions x their own row's length
+        seq = sum(len(x.input_ids) ** 2 for x in rows) if self.cfg.packing else ids.numel() * ids.shape[1]
+        tally.update(tok_all=float(ids.numel()), tok_real=float(batch["attention_mask"].sum()), tok_seq=float(seq))
         for name, role in (("aligned", ROLE_ALIGNED), ("conflict", ROLE_CONFLICT)):
             tally[f"r_{name}"] = float(margin[roles.cpu() == role].sum())
         for t, c in TERMS.items():
