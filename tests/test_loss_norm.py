@@ -1,4 +1,4 @@
-"""Loss normalisation per row (LossConfig.norm / train.loss_norm): a stage fact's weight does not
+"""Loss normalisation per row (LossConfig.loss_norm / train.loss_norm): a stage fact's weight does not
 depend on how long the other rows of its step are."""
 
 from __future__ import annotations
