@@ -39,7 +39,16 @@ def test_fused_linear_run_matches_logits_run(msl_run, tiny_world, tiny_base, tmp
             json.loads((out / s / "ckpt" / "LATEST.json").read_text())["step"]
             == stable(out)[int(s[-1]) - 1]["train_steps"]
         )
-    a, b = stable(msl_run), stable(out)
+    assert_close_metrics(stable(msl_run), stable(out))
+    # the reference log-probs of the probe went through the fused path too, and agree
+    for s in ("stage_01", "stage_02"):
+        ref = [r["ref_logp"] for r in _jsonl(msl_run / s / "probe.jsonl")]
+        got = [r["ref_logp"] for r in _jsonl(out / s / "probe.jsonl")]
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-4)
+
+
+def assert_close_metrics(a, b):
+    """Two 2-stage runs' metrics: fp32 sums in another order, so floats to 1e-4 relative, the rest equal."""
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
@@ -47,15 +56,9 @@ def test_fused_linear_run_matches_logits_run(msl_run, tiny_world, tiny_base, tmp
             if isinstance(x[k], float) and math.isnan(x[k]):
                 assert math.isnan(y[k]), (x["stage"], k)
             elif isinstance(x[k], float):
-                # fp32 sums in another order: train losses to 1e-4 relative, the rest alike
                 assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["stage"], k, x[k], y[k])
             else:
                 assert x[k] == y[k], (x["stage"], k)
-    # the reference log-probs of the probe went through the fused path too, and agree
-    for s in ("stage_01", "stage_02"):
-        ref = [r["ref_logp"] for r in _jsonl(msl_run / s / "probe.jsonl")]
-        got = [r["ref_logp"] for r in _jsonl(out / s / "probe.jsonl")]
-        assert got == pytest.approx(ref, rel=1e-4, abs=1e-4)
 
 
 def _jsonl(path):
@@ -67,14 +70,4 @@ def test_packed_run_matches_padded_run(msl_run, tiny_world, tiny_base, tmp_path)
     stage metrics as the padded session run, to fp32 summation order."""
     out = tmp_path / "packed"
     run(deepspeed_cmd("launch/train.py", *msl_args(tiny_world, tiny_base, out, "train.packing=true")))
-    a, b = stable(msl_run), stable(out)
-    assert len(a) == len(b) == 2
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            if isinstance(x[k], float) and math.isnan(x[k]):
-                assert math.isnan(y[k]), (x["stage"], k)
-            elif isinstance(x[k], float):
-                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["stage"], k, x[k], y[k])
-            else:
-                assert x[k] == y[k], (x["stage"], k)
+    assert_close_metrics(stable(msl_run), stable(out))
