@@ -9,9 +9,11 @@ import sys
 
 def main() -> None:
     commands = ("train", "make-world", "compare", "make-base")
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+    # the DeepSpeed launcher puts --local_rank=N before the arguments it was given
+    at = next((i for i, a in enumerate(sys.argv[1:], 1) if not a.startswith("--local_rank")), None)
+    if at is None or sys.argv[at] not in commands:
         raise SystemExit(f"usage: python -m msl_ds {{{'|'.join(commands)}}} [arguments]")
-    cmd = sys.argv.pop(1)
+    cmd = sys.argv.pop(at)
     if cmd == "train":
         from msl_ds.cli import train as run
     elif cmd == "make-world":
