@@ -88,7 +88,7 @@ class TrainSection:
     logprobs: Literal["auto", "fused_linear", "logits"] = "auto"
     gradient_checkpointing: bool = False
     max_tokens_per_micro_batch: int = 0
-    loss_norm: Literal["row", "token"] = "token"
+    loss_norm: Literal["row", "token"] = "row"
     packing: bool = False
 
 
@@ -113,12 +113,13 @@ class PblSection:
     substring_rule: bool = True
     consistency: float = 0.5
     subject_check: bool = True
+    description_suffices: bool = True
     subject_max_new_tokens: int = 64
     max_candidates: int = 0
-    np_scope: Literal["all", "conflict", "stale"] = "all"
-    protect_golds: bool = False
+    np_scope: Literal["all", "conflict", "stale"] = "stale"
+    protect_golds: bool = True
     pair_protected: bool = False
-    np_mask_prefix: bool = False
+    np_mask_prefix: bool = True
     nll_weight: float = 1.0
     pp_weight: float = 0.1
     np_weight: float = 0.1

@@ -46,19 +46,28 @@ def agrees(a: str, b: str) -> bool:
 
 
 def label_fact(
-    gold: str, greedy: str, samples: list[str], consistency: float, described: bool | None = None
+    gold: str,
+    greedy: str,
+    samples: list[str],
+    consistency: float,
+    described: bool | None = None,
+    description_suffices: bool = False,
 ) -> tuple[str, float]:
     """(label, share of samples agreeing with the greedy answer).
 
     A wrong answer is a conflict when the model is consistent about it: most samples agree, and
     (when ``described`` is given) the model's own description of the subject says it too. A
-    consistent guess about a subject the model knows nothing of is unknown, not a conflict.
+    consistent guess about a subject the model knows nothing of is unknown, not a conflict. With
+    ``description_suffices``, a wrong greedy answer that the description also states is a conflict
+    even when the samples scatter: two independent greedy answers (to the question, and about the
+    subject) naming the same wrong value are a belief, not a guess.
     """
     share = sum(agrees(s, greedy) for s in samples) / len(samples) if samples else 0.0
     if is_correct(greedy, gold):
         return "known", share
     consistent = bool(norm(greedy)) and share >= consistency and described is not False
-    return ("conflict" if consistent else "unknown"), share
+    stated = bool(norm(greedy)) and description_suffices and described is True
+    return ("conflict" if consistent or stated else "unknown"), share
 
 
 def mentions(text: str, answer: str) -> bool:
@@ -242,7 +251,7 @@ def probe_stage(
         text = descriptions.get(row.get("subject") or "")
         # the description must be about the subject (not a confabulated other one) and say g
         described = mentions(text, row["subject"]) and mentions(text, g) if text is not None else None
-        label, share = label_fact(row["answer"], g, ss, pbl.consistency, described)
+        label, share = label_fact(row["answer"], g, ss, pbl.consistency, described, pbl.description_suffices)
         rec = {"id": row["id"], "fact": fact_key(row), "question": row["question"], "answer": row["answer"]}
         rec.update(greedy=g, samples=ss)
         if text is not None:

@@ -218,6 +218,12 @@ def test_labels_and_candidates():
     # consistent, but the model cannot describe the subject with that answer: a guess, not a belief
     assert label_fact("Pumu", "Nestol", ["Nestol"] * 4, 0.5, described=False)[0] == "unknown"
     assert label_fact("Pumu", "Nestol", ["Nestol"] * 4, 0.5, described=True)[0] == "conflict"
+    # scattered samples: a guess, unless the subject's description states the same wrong answer
+    scattered = ["Lif", "Ard", "Nestol", "Bo"]
+    assert label_fact("Pumu", "Nestol", scattered, 0.5, described=True)[0] == "unknown"
+    assert label_fact("Pumu", "Nestol", scattered, 0.5, True, description_suffices=True) == ("conflict", 0.25)
+    assert label_fact("Pumu", "Nestol", scattered, 0.5, False, description_suffices=True)[0] == "unknown"
+    assert label_fact("Pumu", "Nestol", scattered, 0.5, None, description_suffices=True)[0] == "unknown"
     assert mentions("headquarters of Felstesbo: Nestol.", "nestol") and not mentions("Nestolburg", "Nestol")
     # distinct, most frequent first, empty answers dropped
     assert distinct_candidates("Nestol", ["Lif", "lif.", "pumu", "", "Nestol", "Lif"], 0) == ["Lif", "Nestol", "pumu"]
