@@ -83,12 +83,9 @@ def tiny_base(tiny_world, tmp_path_factory) -> Path:
 
 
 # one thread per rank: every launch of the same msl run must sum floats in the same order
-# the msl run of the tests also exercises PBL aimed at the stale belief, per-row loss normalisation and
-# consistent rehearsal (opt-in until validated; the defaults keep the measured behaviour)
-MSL_COMMON = [
-    "deepspeed.threads_per_rank=1", "pbl.embedder=minilm", "pbl.np_scope=stale", "pbl.protect_golds=true",
-    "pbl.np_mask_prefix=true", "train.loss_norm=row", "augment.rehearsal_samples=4",
-]  # fmt: skip
+# the msl run of the tests also exercises the consistent-rehearsal filter (off by default); PBL aimed
+# at the stale belief and per-row loss normalisation are the defaults
+MSL_COMMON = ["deepspeed.threads_per_rank=1", "pbl.embedder=minilm", "augment.rehearsal_samples=4"]
 
 
 def msl_args(world: Path, base: Path, out: Path, *extra: str) -> list[str]:
