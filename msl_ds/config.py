@@ -88,7 +88,7 @@ class TrainSection:
     logprobs: Literal["auto", "fused_linear", "logits"] = "auto"
     gradient_checkpointing: bool = False
     max_tokens_per_micro_batch: int = 0
-    loss_norm: Literal["row", "token"] = "row"
+    loss_norm: Literal["row", "token"] = "token"
     packing: bool = False
 
 
