@@ -85,7 +85,12 @@ def tiny_base(tiny_world, tmp_path_factory) -> Path:
 # one thread per rank: every launch of the same msl run must sum floats in the same order
 # the msl run of the tests also exercises per-row loss normalisation and the consistent-rehearsal
 # filter (both off by default); PBL aimed at the stale belief is the default
-MSL_COMMON = ["deepspeed.threads_per_rank=1", "pbl.embedder=minilm", "train.loss_norm=row", "augment.rehearsal_samples=4"]
+MSL_COMMON = [
+    "deepspeed.threads_per_rank=1",
+    "pbl.embedder=minilm",
+    "train.loss_norm=row",
+    "augment.rehearsal_samples=4",
+]
 
 
 def msl_args(world: Path, base: Path, out: Path, *extra: str) -> list[str]:
