@@ -122,7 +122,7 @@ class PblSection:
     np_mask_prefix: bool = True
     nll_weight: float = 1.0
     pp_weight: float = 0.1
-    np_weight: float = 0.1
+    np_weight: float = 0.0
     form: Literal["raw", "sigmoid"] = "sigmoid"
     sigmoid_beta: float = 1.0
     paired: Literal["none", "dpo", "ipo", "hinge"] = "none"

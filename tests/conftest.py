@@ -83,11 +83,12 @@ def tiny_base(tiny_world, tmp_path_factory) -> Path:
 
 
 # one thread per rank: every launch of the same msl run must sum floats in the same order
-# the msl run of the tests also exercises per-row loss normalisation and the consistent-rehearsal
-# filter (both off by default); PBL aimed at the stale belief is the default
+# the msl run of the tests also exercises L_NP, per-row loss normalisation and the consistent-rehearsal
+# filter (all off by default); PBL aimed at the stale belief is the default
 MSL_COMMON = [
     "deepspeed.threads_per_rank=1",
     "pbl.embedder=minilm",
+    "pbl.np_weight=0.1",
     "train.loss_norm=row",
     "augment.rehearsal_samples=4",
 ]
