@@ -47,7 +47,7 @@ from msl_ds.io import read_json, write_json, write_text
 METHODS: dict[str, list[str]] = {
     "sft": ["run.method=sft"],
     "replay": ["run.method=replay"],
-    "msl_paper": ["run.method=msl", "augment.reach=stage"],
+    "msl_paper": ["run.method=msl", "augment.reach=stage", "pbl.np_weight=0.1"],  # the paper's L_NP kept on
     "msl": ["run.method=msl"],
     "msl_no_pbl": ["run.method=msl", "pbl.enabled=false"],
     "msl_no_aug": ["run.method=msl", "augment.enabled=false"],
