@@ -114,6 +114,7 @@ class PblSection:
     consistency: float = 0.5
     subject_check: bool = True
     description_suffices: bool = True
+    known_subjects: bool = True
     subject_max_new_tokens: int = 64
     max_candidates: int = 0
     np_scope: Literal["all", "conflict", "stale"] = "stale"

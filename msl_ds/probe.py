@@ -70,6 +70,24 @@ def label_fact(
     return ("conflict" if consistent or stated else "unknown"), share
 
 
+def subject_evidence(text: str | None, subject: str, greedy: str, known_subjects: frozenset[str]) -> bool | None:
+    """What the model's description of ``subject`` says of its answer ``greedy``: True (it states
+    it), False (it does not), None (no description, or no say).
+
+    The description must be about the subject (a confabulated description of another subject does
+    not state a belief about this one). When it is about another subject and ``subject`` is in
+    ``known_subjects`` (``pbl.known_subjects``: subjects of earlier stages' training rows), the
+    description has no say: the model was trained on the subject, so a consistent wrong answer is
+    a belief, and the samples' consistency alone decides. A subject the model was never trained
+    on keeps the veto: a consistent answer about it is a guess.
+    """
+    if text is None:
+        return None
+    if not mentions(text, subject):
+        return None if subject in known_subjects else False
+    return mentions(text, greedy)
+
+
 def mentions(text: str, answer: str) -> bool:
     """Whether ``text`` contains ``answer`` as whole words (case and punctuation ignored)."""
     a = norm(answer)
@@ -231,12 +249,13 @@ def describe(model, tokenizer, pad_id, subjects: list[str], prompt: str, gen: Ge
 
 def probe_stage(
     engine, tokenizer, pad_id, rows: list[dict[str, Any]], pbl, gen: GenConfig, seed: int, max_len: int,
-    background_prompt: str = "", logprobs: str = "auto",
+    background_prompt: str = "", logprobs: str = "auto", known_subjects: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Probe every training row: candidates, roles, labels and reference log-probs (all ranks).
 
     With ``pbl.subject_check`` and a ``background_prompt``, the model also describes every
-    subject once; a conflict's wrong answer must appear in that description.
+    subject once; a conflict's wrong answer must appear in that description (see
+    :func:`subject_evidence` for ``known_subjects``).
     """
     questions = [r["question"] for r in rows]
     greedy, samples = sample(engine.module, tokenizer, pad_id, questions, pbl, gen, seed)
@@ -249,8 +268,7 @@ def probe_stage(
     out = []
     for row, g, ss in zip(rows, greedy, samples):
         text = descriptions.get(row.get("subject") or "")
-        # the description must be about the subject (not a confabulated other one) and say g
-        described = mentions(text, row["subject"]) and mentions(text, g) if text is not None else None
+        described = subject_evidence(text, row.get("subject") or "", g, known_subjects)
         label, share = label_fact(row["answer"], g, ss, pbl.consistency, described, pbl.description_suffices)
         rec = {"id": row["id"], "fact": fact_key(row), "question": row["question"], "answer": row["answer"]}
         rec.update(greedy=g, samples=ss)

@@ -17,7 +17,15 @@ from msl_ds.config import TrainSection
 from msl_ds.data import Example, flatten
 from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, ROLE_GOLD, LossConfig
 from msl_ds.monitor import Monitor, set_progress
-from msl_ds.probe import agrees, distinct_candidates, label_fact, lexical_similarity, mentions, probe_metrics
+from msl_ds.probe import (
+    agrees,
+    distinct_candidates,
+    label_fact,
+    lexical_similarity,
+    mentions,
+    probe_metrics,
+    subject_evidence,
+)
 from msl_ds.trainer import StageTrainer
 
 V = 48
@@ -225,6 +233,26 @@ def test_labels_and_candidates():
     assert label_fact("Pumu", "Nestol", scattered, 0.5, False, description_suffices=True)[0] == "unknown"
     assert label_fact("Pumu", "Nestol", scattered, 0.5, None, description_suffices=True)[0] == "unknown"
     assert mentions("headquarters of Felstesbo: Nestol.", "nestol") and not mentions("Nestolburg", "Nestol")
+    # what the description says: about the subject and stating the answer, about it and not
+    # stating it, about another subject (a veto for a never-trained subject, no say for a
+    # subject of earlier training rows), or no description at all
+    about, other = "mayor of Karnur: Berbar.", "mayor of Kuma: Babrox."
+    known = frozenset({"Karnur"})
+    assert subject_evidence(about, "Karnur", "Berbar", frozenset()) is True
+    assert subject_evidence(about, "Karnur", "Drulma", known) is False
+    assert subject_evidence(other, "Karnur", "Berbar", frozenset()) is False
+    assert subject_evidence(other, "Karnur", "Berbar", known) is None
+    assert subject_evidence(None, "Karnur", "Berbar", known) is None
+    consistent = ["Berbar"] * 4
+    for text, subjects, label in (
+        (other, frozenset(), "unknown"),
+        (other, known, "conflict"),
+        (about, known, "conflict"),
+    ):
+        assert (
+            label_fact("Drulma", "Berbar", consistent, 0.5, subject_evidence(text, "Karnur", "Berbar", subjects))[0]
+            == label
+        )
     # distinct, most frequent first, empty answers dropped
     assert distinct_candidates("Nestol", ["Lif", "lif.", "pumu", "", "Nestol", "Lif"], 0) == ["Lif", "Nestol", "pumu"]
     assert distinct_candidates("Nestol", ["Lif", "Ard"], 1) == ["Nestol"]
