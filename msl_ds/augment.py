@@ -139,7 +139,7 @@ def run_augment(model, tokenizer, pad_id, world: World, stage: int, cfg: RunConf
     Returns the records on every rank, selected (``accepted``, ``reason``, scores) on rank 0.
     """
     rows = world.split(stage, "train")
-    earlier = [r for s in sorted(world.stages) if s < stage for r in world.split(s, "train")]
+    earlier = world.train_before(stage)
     seed = augment_seed(cfg.run.seed, stage)
     records = augment_stage(model, tokenizer, pad_id, rows, earlier, cfg.augment, cfg.skills, gen, seed, stage)
     if D.is_rank0():

@@ -118,6 +118,10 @@ class World:
     def split(self, stage: int, name: str) -> list[dict[str, Any]]:
         return self.stages[stage].get(name, [])
 
+    def train_before(self, stage: int) -> list[dict[str, Any]]:
+        """The training rows of every stage before ``stage`` (stage 0 included), in stage order."""
+        return [r for s in sorted(self.stages) if s < stage for r in self.split(s, "train")]
+
     def state(self, stage: int, splits: tuple[str, ...], stages: list[int] | None = None) -> WorldState:
         """The world state after ``stage``: every fact stated in ``splits`` of the stages up to it
         (with ``stages``, only those and stage 0: the stages a run trains on)."""
@@ -174,7 +178,7 @@ def replay_rows(world: World, stage: int, n: int, max_buffer: int, seed: int) ->
     Where a fact was updated later, only its newest answer is eligible: replaying a superseded
     answer would teach the very conflict the stage is resolving.
     """
-    earlier = [r for s in sorted(world.stages) if s < stage for r in world.split(s, "train")]
+    earlier = world.train_before(stage)
     latest = {fact_key(r): r["answer"] for r in earlier}  # later stages overwrite earlier ones
     current = {fact_key(r) for r in world.split(stage, "train")}
     pool = [r for r in earlier if fact_key(r) not in current and latest[fact_key(r)] == r["answer"]]

@@ -415,7 +415,12 @@ class Recipe:
         if not D.rank0_decides(path.is_file):
             rows = self.world.split(t, "train")
             seed = probe_seed(self.cfg.run.seed, t)
-            known = self.earlier_subjects(t) if self.cfg.pbl.known_subjects else frozenset()
+            # pbl.known_subjects: subjects (never answers) of the rows trained before this stage
+            known = (
+                frozenset(r.get("subject") for r in self.world.train_before(t))
+                if self.cfg.pbl.known_subjects
+                else frozenset()
+            )
             with phase(self.label(t), "probe", f"{len(rows)} questions x {1 + self.cfg.pbl.samples} answers"):
                 out = probe_stage(
                     engine, self.tokenizer, pad, rows, self.cfg.pbl, self.gen, seed, self.cfg.data.max_seq_len,
@@ -434,12 +439,6 @@ class Recipe:
             self.label(t), m["probe_known"], m["probe_conflict"], m["probe_unknown"], m["conflict_precision"], m["conflict_recall"],
         )  # fmt: skip
         return probed
-
-    def earlier_subjects(self, t: int) -> frozenset[str]:
-        """Subjects of the training rows of the stages before ``t`` (stage 0 included): the data
-        the model was trained on; never valid or test rows, never their answers."""
-        earlier = [s for s in sorted(self.world.stages) if s < t]
-        return frozenset(r["subject"] for s in earlier for r in self.world.split(s, "train") if r.get("subject"))
 
     def augment(self, engine, pad, t: int) -> list[dict[str, Any]] | None:
         """π_{t-1}'s self-distilled augmentations of stage t, selected (docs/METHOD.md).
