@@ -54,7 +54,7 @@ world: setup
 	test -f $(WORLD)/world.json || $(BIN)/python launch/make_world.py --out $(WORLD) --size $(SIZE)
 
 base: world
-	$(BIN)/deepspeed --num_gpus $(NPROC) launch/make_base.py $(CONFIG)
+	$(BIN)/deepspeed --num_gpus $(NPROC) launch/make_base.py $(CONFIG) $(BASE_ARGS)
 
 train: base
 	$(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(CONFIG) $(ARGS)
@@ -64,26 +64,30 @@ test: setup-test
 
 # The newcomer's first command, miniature (CI runs it before anything else installs a package): `make
 # train` itself, in a venv of its own that holds exactly what make train installs (no [test] extra),
-# on the tiny world, stage 1 only, run.method msl, 2 ranks; it must print the metrics table.
+# on the tiny world, stage 1 only, run.method msl, 2 ranks; it must print the metrics table. Its base
+# model trains SMOKE_BASE_STEPS steps (the tiny preset's 400 are most of the time) into SMOKE_OUT.
 SMOKE_VENV ?= .venv-smoke
 SMOKE_OUT  ?= runs/smoke
+SMOKE_BASE_STEPS ?= 150
 smoke:
 	rm -rf $(SMOKE_OUT) && mkdir -p $(SMOKE_OUT)
 	$(MAKE) --no-print-directory train VENV=$(SMOKE_VENV) TORCH_EXTENSIONS_DIR=$(abspath $(SMOKE_VENV))/torch_extensions \
 		SIZE=tiny CONFIG=ds_configs/run_cpu_tiny.yaml \
-		ARGS="run.method=msl data.stages=[1] run.output_dir=$(SMOKE_OUT)/run" 2>&1 | tee $(SMOKE_OUT)/train.log
+		BASE_ARGS="base.train.max_steps=$(SMOKE_BASE_STEPS) base.out_dir=$(SMOKE_OUT)/base" \
+		ARGS="run.method=msl data.stages=[1] run.output_dir=$(SMOKE_OUT)/run model.path=$(SMOKE_OUT)/base" \
+		2>&1 | tee $(SMOKE_OUT)/train.log
 	grep -q "^| *1 *|" $(SMOKE_OUT)/train.log || { echo "smoke: no metrics row for stage 1 in $(SMOKE_OUT)/train.log"; exit 1; }
 	$(MAKE) --no-print-directory smoke-bare
 
 # `pip install -e .` with no extra: --check passes with an embedder that needs none, and the
-# default embedder (MiniLM) is refused with the extra to install (uses the tiny base smoke built)
+# default embedder (MiniLM) is refused with the extra to install (uses the base model smoke built)
 BARE_VENV ?= .venv-bare
 smoke-bare:
 	test -x $(BARE_VENV)/bin/python || $(PY) -m venv $(BARE_VENV)
 	$(BARE_VENV)/bin/pip install -q uv
 	$(BARE_VENV)/bin/uv pip install -q --python $(BARE_VENV)/bin/python $(foreach l,$(PIP_FIND_LINKS),--find-links $(l)) "$(TORCH)" -e .
-	$(BARE_VENV)/bin/msl-train ds_configs/run_cpu_tiny.yaml --check run.method=msl pbl.embedder=lexical
-	! $(BARE_VENV)/bin/msl-train ds_configs/run_cpu_tiny.yaml --check run.method=msl > $(SMOKE_OUT)/bare.log 2>&1
+	$(BARE_VENV)/bin/msl-train ds_configs/run_cpu_tiny.yaml --check run.method=msl pbl.embedder=lexical model.path=$(SMOKE_OUT)/base
+	! $(BARE_VENV)/bin/msl-train ds_configs/run_cpu_tiny.yaml --check run.method=msl model.path=$(SMOKE_OUT)/base > $(SMOKE_OUT)/bare.log 2>&1
 	grep -q "pip install 'msl_ds\[embed\]'" $(SMOKE_OUT)/bare.log || { cat $(SMOKE_OUT)/bare.log; exit 1; }
 
 # the fault matrix (a rank killed in every phase, 8 launches): CI runs it after `make test`
