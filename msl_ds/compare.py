@@ -12,7 +12,9 @@ world files (``msl_ds.evaluation.rescore_run``: the current-world rule, whatever
 run) into ``<out>/runs/<method>/seed<k>/scores.json``; ``<out>/summary.md`` and
 ``<out>/summary.json`` hold mean ± std and every seed's value per method, and
 ``<out>/curves.png`` and ``<out>/matrix_<method>.png`` the plots. ``--publish DIR`` copies the
-summary, the plots and one small JSON per run (``runs/<method>_seed<k>.json``) to ``DIR``.
+summary, the plots and, per run, one small JSON (``runs/<method>_seed<k>.json``: per-stage
+metrics, command, wall time, effective config and code commit) and its last stage's answers
+(``runs/<method>_seed<k>.eval.jsonl.gz``, which ``tools/rescore.py`` re-scores) to ``DIR``.
 Extra ``key=value`` arguments go to every run (e.g. ``data.stages=[1,2]``).
 
 Evaluation uses ``--split`` (``test`` by default). Hyperparameters are chosen with

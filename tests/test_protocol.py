@@ -189,3 +189,58 @@ def test_rescore_tool_recomputes_acc_world(tmp_path):
     (pub / "msl_seed0.json").write_text(json.dumps({"stages": [{"stage": 1, "acc_world": want + 0.01}]}))
     bad = subprocess.run([*tool, str(pub / "msl_seed0.json")], capture_output=True, text=True)
     assert bad.returncode == 1 and "differs" in bad.stderr, bad.stderr
+
+
+def _protocol_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("protocol_tool", REPO / "tools" / "protocol.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_protocol_grid_rule_picks_the_best_valid_mean(tmp_path):
+    tool = _protocol_tool()
+    means = {c: 0.50 for c in tool.GRID}
+    means["msl/pp_weight_1"] = 0.52  # beats the shipped value by more than the tie margin
+    means["msl/pp_weight_0"] = 0.51
+    means["msl/theta_0.2"] = 0.503  # within the tie margin: the shipped theta stays
+    means["msl/reference_gold"] = 0.56
+    for cell, acc in means.items():
+        (tmp_path / cell).mkdir(parents=True)
+        summary = {"methods": {tool.GRID[cell][0]: {"acc_world": {"mean": acc}}}}
+        (tmp_path / cell / "summary.json").write_text(json.dumps(summary))
+    got = tool.pick(tmp_path)
+    assert got["msl"]["overrides"] == ["pbl.pp_weight=1.0", "select.reference=gold"] and got["msl"]["confirm"]
+    assert got["msl"]["best_single"] == "msl/reference_gold"
+    assert got["msl_paper"]["overrides"] == [] and not got["msl_paper"]["confirm"]
+    (tmp_path / "msl_paper/theta_0.2/summary.json").unlink()
+    assert tool.pick(tmp_path)["msl_paper"] == {"missing": ["msl_paper/theta_0.2"]}
+    # every cell runs on the valid split with 3 seeds; the test runs are the 8 methods on test
+    cmds = tool.valid_commands()
+    assert len(cmds) == len(tool.GRID) and all("valid" == c[c.index("--split") + 1] for c in cmds)
+    assert all(c[c.index("--seeds") + 1 : c.index("--seeds") + 4] == ["0", "1", "2"] for c in cmds)
+    (test,) = tool.test_commands()
+    assert test[test.index("--split") + 1] == "test" and test[test.index("--publish") + 1] == "docs/results/default"
+    assert test[test.index("--methods") + 1 : test.index("--methods") + 9] == list(METHODS_ORDER)
+
+
+METHODS_ORDER = ("sft", "replay", "msl_paper", "msl", "msl_no_pbl", "msl_no_aug", "msl_no_select", "msl_replay")
+
+
+def test_protocol_test_step_refused_until_frozen_and_clean(tmp_path):
+    tool = _protocol_tool()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "PROTOCOL.md").write_text("Defaults frozen: no\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "v1"], check=True)
+    with pytest.raises(SystemExit, match="Defaults frozen: yes"):
+        tool.frozen_or_exit(tmp_path)
+    (tmp_path / "docs" / "PROTOCOL.md").write_text("Defaults frozen: yes\n")  # not committed: dirty
+    with pytest.raises(SystemExit, match="uncommitted"):
+        tool.frozen_or_exit(tmp_path)
+    subprocess.run([*git, "commit", "-qam", "freeze"], check=True)
+    tool.frozen_or_exit(tmp_path)  # frozen and clean: the test runs may start
