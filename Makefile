@@ -76,7 +76,8 @@ bench: setup-test
 bench-gen: base
 	$(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_generation.py
 
-# the paper's comparison (README): 6 methods x 3 seeds, two single-rank runs at a time
+# every method of msl-compare (8) x 3 seeds on the test split, two single-rank runs at a time (the
+# protocol's runs: make protocol-valid / protocol-test, docs/PROTOCOL.md)
 bench-paper: base setup-test
 	$(BIN)/python launch/compare.py --jobs 2 --nproc 1 train.grad_accum=2 --out results/paper $(ARGS)
 
