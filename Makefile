@@ -28,7 +28,8 @@ test-floors:
 	.venv-floors/bin/uv pip install -q --python .venv-floors/bin/python --resolution lowest-direct "$(TORCH)" -e ".[test]"
 	.venv-floors/bin/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
 
-.PHONY: setup setup-test test-floors train world base test test-slow test-fast smoke smoke-bare lint bench bench-gen bench-paper clean
+.PHONY: setup setup-test test-floors train world base test test-slow test-fast smoke smoke-bare lint bench bench-gen bench-paper clean \
+	protocol-valid protocol-pick protocol-confirm protocol-test
 
 # uv installs what pip would (same PyPI, same find-links), faster; --compile-bytecode as pip does:
 # with PYTHONDONTWRITEBYTECODE set (as on CI) imports would otherwise recompile on every launch (2x slower)
@@ -107,9 +108,25 @@ bench: setup-test
 bench-gen: base
 	$(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_generation.py
 
-# the paper's comparison (README): 6 methods x 3 seeds, two single-rank runs at a time
+# every method of msl-compare (8) x 3 seeds on the test split, two single-rank runs at a time (the
+# protocol's runs: make protocol-valid / protocol-test, docs/PROTOCOL.md)
 bench-paper: base setup-test
 	$(BIN)/python launch/compare.py --jobs 2 --nproc 1 train.grad_accum=2 --out results/paper $(ARGS)
+
+# docs/PROTOCOL.md (version 1): the validation grid (13 cells x 3 seeds, valid split), the rule's
+# choice, its confirmation run, and, once the chosen defaults are committed as frozen, the test runs
+# (8 methods x 3 seeds); each publishes under docs/results/default/
+protocol-valid: base setup-test
+	$(BIN)/python tools/protocol.py valid $(ARGS)
+
+protocol-pick: setup-test
+	$(BIN)/python tools/protocol.py pick
+
+protocol-confirm: base setup-test
+	$(BIN)/python tools/protocol.py confirm $(ARGS)
+
+protocol-test: base setup-test
+	$(BIN)/python tools/protocol.py test $(ARGS)
 
 clean:
 	rm -rf runs artifacts data results

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import re
 from collections import defaultdict
 from typing import Any, Callable
@@ -148,12 +147,72 @@ def run_augment(model, tokenizer, pad_id, world: World, stage: int, cfg: RunConf
     return records
 
 
-def other_subjects(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], ratio: float, seed: int) -> list[str]:
-    """Subjects of earlier stages' rows that this stage does not touch: ``ratio`` per stage subject."""
+def subject_order(earlier: list[dict[str, Any]]) -> list[str]:
+    """Every subject of ``earlier`` (training rows in stage order, as ``World.train_before`` gives
+    them) in order of first appearance: a subject's position never changes when later stages
+    append rows, which is what keeps the round-robin below a fixed period per subject."""
+    return list(dict.fromkeys(r["subject"] for r in earlier if r.get("subject")))
+
+
+def pseudo_subjects(earlier: list[dict[str, Any]]) -> set[str]:
+    """Subjects whose every row is of kind ``general``: the embedded world's arithmetic items
+    ("23+45"), not entities with facts."""
+    kinds: dict[str, set[str]] = defaultdict(set)
+    for r in earlier:
+        if r.get("subject"):
+            kinds[r["subject"]].add(r.get("kind", ""))
+    return {s for s, k in kinds.items() if k == {"general"}}
+
+
+def scheduled_subjects(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], every: int, stage: int) -> list[str]:
+    """Earlier subjects this stage rehearses: round-robin over :func:`subject_order`, the subject
+    at position p at the stages t with t ≡ p (mod ``every``); so within any ``every``
+    consecutive stages each subject trained before the first of them is rehearsed (or trained
+    by the stage itself) at least once, however many subjects there are. This stage's own
+    subjects are left out (they are rehearsed as stage subjects)."""
     mine = {r["subject"] for r in rows if r.get("subject")}
-    pool = sorted({r["subject"] for r in earlier if r.get("subject")} - mine)
-    k = min(len(pool), int(round(ratio * len(mine))))
-    return sorted(random.Random(seed).sample(pool, k))
+    return sorted(s for p, s in enumerate(subject_order(earlier)) if p % every == stage % every and s not in mine)
+
+
+def coverage(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], rehearsed: set[str]) -> float:
+    """Share of the earlier fact subjects (pseudo-subjects excluded) rehearsed or trained now."""
+    pool = set(subject_order(earlier)) - pseudo_subjects(earlier)
+    now = rehearsed | {r["subject"] for r in rows if r.get("subject")}
+    return len(pool & now) / len(pool) if pool else float("nan")
+
+
+def coverage_metrics(world: World, stage: int, stages: list[int], aug: AugmentSection, records) -> dict[str, float]:
+    """Rehearsal coverage of stage ``stage``: the schedule's share of earlier fact subjects
+    (``rehearsal_subject_coverage``), the share with an accepted rehearsal
+    (``rehearsal_accepted_coverage``), and the schedule's coverage of the subjects trained before
+    the window of the last ``augment.rehearsal_every`` run stages (``rehearsal_window_coverage``,
+    1.0 by construction once the run has that many stages)."""
+    if aug.reach != "all" or not aug.rehearsal:
+        return {}
+    rows, earlier = world.split(stage, "train"), world.train_before(stage)
+    planned = set(scheduled_subjects(rows, earlier, aug.rehearsal_every, stage))
+    accepted = {r["subject"] for r in records if r["kind"] == "rehearsal" and r["accepted"]}
+    window = [s for s in stages if s <= stage][-aug.rehearsal_every :]
+    return {
+        "rehearsal_subject_coverage": coverage(rows, earlier, planned),
+        "rehearsal_accepted_coverage": coverage(rows, earlier, accepted),
+        "rehearsal_window_coverage": window_coverage(world, window, aug.rehearsal_every),
+        "rehearsal_subjects": len(planned),
+        "rehearsal_pseudo_subjects": len(planned & pseudo_subjects(earlier)),
+    }
+
+
+def window_coverage(world: World, window: list[int], every: int) -> float:
+    """Share of the fact subjects trained before ``window[0]`` that the schedule rehearses (or a
+    stage trains) at some stage of ``window``."""
+    first = world.train_before(window[0])
+    pool = set(subject_order(first)) - pseudo_subjects(first)
+    seen: set[str] = set()
+    for t in window:
+        rows = world.split(t, "train")
+        seen |= set(scheduled_subjects(rows, world.train_before(t), every, t))
+        seen |= {r["subject"] for r in rows if r.get("subject")}
+    return len(pool & seen) / len(pool) if pool else float("nan")
 
 
 def augment_stage(
@@ -181,7 +240,7 @@ def augment_stage(
 
     # stale values: what the model says now for a fact whose gold it does not give yet
     stale: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for phrasings in facts.values():
+    for phrasings in facts.values() if aug.replace_stale else ():
         r = phrasings[0]
         g = own_answer[r["id"]]
         if r.get("subject") and g.strip() and not is_correct(g, r["answer"]):
@@ -192,7 +251,8 @@ def augment_stage(
     stage_subjects = sorted({r["subject"] for r in rows if r.get("subject")})
     subjects = list(stage_subjects)
     if aug.reach == "all":
-        subjects += other_subjects(rows, earlier, aug.other_subjects, seed)
+        subjects += scheduled_subjects(rows, earlier, aug.rehearsal_every, stage)
+    pseudo = pseudo_subjects(earlier) - set(stage_subjects)
     background: dict[str, tuple[str, str, dict[str, Any]]] = {}  # subject -> (fixed text, prompt, raw output)
     if subjects and (aug.background or aug.rehearsal):
         prompts = [skills.background_prompt.format(subject=s) for s in subjects]
@@ -217,7 +277,7 @@ def augment_stage(
                 records.append(
                     _record(
                         "rehearsal", f"subject/{s}", s, p, o, p, text_r, stage_golds=golds, stale=stale.get(s, []),
-                        **extra,
+                        pseudo=s in pseudo, **extra,
                     )
                 )  # fmt: skip
 
@@ -370,10 +430,11 @@ def _format_reason(rec: dict[str, Any], sel: SelectSection, seen: set[tuple[str,
 
 
 def training_rows(records: list[dict[str, Any]], aug: AugmentSection) -> list[dict[str, Any]]:
-    """The accepted samples as training rows, each with its kind's loss weight."""
+    """The accepted samples as training rows, each with its kind's loss weight (a pseudo-subject's
+    rehearsal times ``augment.pseudo_weight``, so arithmetic items cannot outweigh facts)."""
     return [
         {"id": r["id"], "question": r["question"], "answer": r["answer"], "kind": r["kind"],
-         "weight": getattr(aug.weights, r["kind"])}
+         "weight": getattr(aug.weights, r["kind"]) * (aug.pseudo_weight if r.get("pseudo") else 1.0)}
         for r in records
         if r["accepted"]
     ]  # fmt: skip

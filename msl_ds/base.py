@@ -22,7 +22,7 @@ from pathlib import Path
 
 from msl_ds import distributed as D
 from msl_ds.config import load_config, load_deepspeed_config
-from msl_ds.data import encode_rows, load_world, stage_plan
+from msl_ds.data import encode_rows, load_rows, load_world, stage_plan
 from msl_ds.engine import Checkpoints, build_engine
 from msl_ds.evaluation import accuracy, evaluate_sets
 from msl_ds.generation import GenConfig, release_generation_copy
@@ -34,6 +34,7 @@ from msl_ds.skills import skill_rows
 from msl_ds.trainer import StageTrainer, rng_state, set_rng_state
 
 log = logging.getLogger("msl_ds")
+GENERAL_BASE = "general_base.jsonl"  # msl_ds.world: the general probe's items, for the base build only
 
 
 def world_texts(world) -> list[str]:
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = list(world.split(0, "train"))
     if cfg.base.skills:
         rows += skill_rows(rows, cfg.skills, cfg.run.seed)
+    # the general probe's held-out items: the base model learns them; no stage file holds them
+    rows += load_rows(Path(cfg.data.dir) / GENERAL_BASE, required=False)
     examples = encode_rows(tokenizer, rows, cfg.data.max_seq_len, cfg.data.overlong, f"{cfg.data.dir}/stage_00/train")
     t = cfg.train
     plan = stage_plan(examples, t, D.world_size(), cfg.run.seed)

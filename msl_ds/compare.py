@@ -12,7 +12,9 @@ world files (``msl_ds.evaluation.rescore_run``: the current-world rule, whatever
 run) into ``<out>/runs/<method>/seed<k>/scores.json``; ``<out>/summary.md`` and
 ``<out>/summary.json`` hold mean ± std and every seed's value per method, and
 ``<out>/curves.png`` and ``<out>/matrix_<method>.png`` the plots. ``--publish DIR`` copies the
-summary, the plots and one small JSON per run (``runs/<method>_seed<k>.json``) to ``DIR``.
+summary, the plots and, per run, one small JSON (``runs/<method>_seed<k>.json``: per-stage
+metrics, command, wall time, effective config and code commit) and its last stage's answers
+(``runs/<method>_seed<k>.eval.jsonl.gz``, which ``tools/rescore.py`` re-scores) to ``DIR``.
 Extra ``key=value`` arguments go to every run (e.g. ``data.stages=[1,2]``).
 
 Evaluation uses ``--split`` (``test`` by default). Hyperparameters are chosen with
@@ -42,16 +44,43 @@ from msl_ds.fingerprint import FILE as FINGERPRINT
 from msl_ds.fingerprint import differences, fingerprint
 from msl_ds.io import read_json, write_json, write_text
 
-# msl_paper is the paper's augmentation (the stage's own facts only); msl adds self-synthesized
-# rehearsal of earlier subjects (augment.reach: all), our extension
+# the methods of docs/PROTOCOL.md. msl_paper is the paper as written: every pbl/augment/select key of
+# ds_configs/run_paper.yaml (the paper's value, or a gap the paper leaves, marked there), on top of
+# whatever --config sets; msl is the default method (run_cpu_default.yaml); msl_replay adds true
+# earlier rows to msl, holding a stated share of each step's loss (replay.weight)
+PAPER_CONFIG = "run_paper.yaml"
+
+
+def paper_overrides(path: str | Path | None = None) -> list[str]:
+    """``key=value`` for every key ``run_paper.yaml`` itself writes (not what it extends)."""
+    import yaml
+
+    from msl_ds.config import resolve_path
+
+    data = yaml.safe_load(resolve_path(str(path or PAPER_CONFIG)).read_text(encoding="utf-8"))
+    data.pop("extends", None)
+
+    def flat(d: dict, prefix: str = "") -> list[str]:
+        out = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += flat(v, f"{prefix}{k}.")
+            else:
+                out.append(f"{prefix}{k}={json.dumps(v)}")
+        return out
+
+    return flat(data)
+
+
 METHODS: dict[str, list[str]] = {
     "sft": ["run.method=sft"],
     "replay": ["run.method=replay"],
-    "msl_paper": ["run.method=msl", "augment.reach=stage", "pbl.np_weight=0.1"],  # the paper's L_NP kept on
+    "msl_paper": paper_overrides(),
     "msl": ["run.method=msl"],
     "msl_no_pbl": ["run.method=msl", "pbl.enabled=false"],
     "msl_no_aug": ["run.method=msl", "augment.enabled=false"],
     "msl_no_select": ["run.method=msl", "select.enabled=false"],
+    "msl_replay": ["run.method=msl", "replay.in_msl=true", "replay.weight=0.5"],
 }
 FINAL = ("acc_world", "acc", "bwt", "retain", "general", "outdated_world")  # after the last stage
 MEANS = ("new_acc", "kgr", "krr", "conflict_precision", "conflict_recall")  # mean over stages
@@ -118,9 +147,17 @@ def score_runs(a: argparse.Namespace, out: Path, methods: list[str], seeds: list
     for m in methods:
         for s in seeds:
             run_dir = out / "runs" / m / f"seed{s}"
+            ran = read_json(run_dir / "summary.json")
             write_json(
-                run_dir / "scores.json", {"method": m, "seed": s, "stages": rescore_run(run_dir, world, a.split)}
+                run_dir / "scores.json",
+                {"method": m, "seed": s, **provenance(ran), "stages": rescore_run(run_dir, world, a.split)},
             )
+
+
+def provenance(run_summary: dict[str, Any]) -> dict[str, Any]:
+    """The effective config and code commit a run's ``summary.json`` records (None for a run made
+    before msl_ds recorded them)."""
+    return {k: run_summary.get(k) for k in ("effective_config", "commit")}
 
 
 def overrides(method: str, common: list[str]) -> dict[str, str]:
@@ -151,7 +188,10 @@ def aggregate(out: Path, methods: list[str], seeds: list[int], common: list[str]
         matrix = {
             f"{i}/{j}": mean_std([r[-1]["matrix"].get(i, {}).get(j, nan) for r in runs]) for i, j in sorted(cells)
         }
+        first = read_json(out / "runs" / m / f"seed{seeds[0]}" / "scores.json")
         result[m] = {**final, "overrides": overrides(m, list(common)), "stages": stages, "per_stage": per_stage}
+        # seed 0's effective config (the seeds differ only in run.seed, run.name, run.output_dir)
+        result[m].update({k: first.get(k) for k in ("effective_config", "commit")})
         result[m]["matrix"] = matrix
     return result
 
@@ -295,17 +335,31 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def publish(out: Path, dest: Path, methods: list[str], seeds: list[int], files: list[str]) -> None:
-    """Copy the summary, the plots and one small JSON per run (its per-stage metrics, its
-    command and wall time) to ``dest``, for committing."""
+    """Copy the summary, the plots and, per run, one small JSON (its per-stage metrics, command,
+    wall time, effective config and commit) and its last stage's per-question answers
+    (``runs/<method>_seed<k>.eval.jsonl.gz``, what ``tools/rescore.py`` recomputes acc_world
+    from) to ``dest``, for committing."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copyfile(out / f, dest / f)
     for m in methods:
         for s in seeds:
             run_dir = out / "runs" / m / f"seed{s}"
-            stages = read_json(run_dir / "scores.json")["stages"]
-            write_json(dest / "runs" / f"{m}_seed{s}.json", {**read_json(run_dir / "wall.json"), "stages": stages})
+            scores = read_json(run_dir / "scores.json")
+            record = {**read_json(run_dir / "wall.json"), **provenance(scores), "stages": scores["stages"]}
+            write_json(dest / "runs" / f"{m}_seed{s}.json", record)
+            last = run_dir / f"stage_{scores['stages'][-1]['stage']:02d}" / "eval.jsonl"
+            write_gzip(dest / "runs" / f"{m}_seed{s}.eval.jsonl.gz", last.read_bytes())
     print(f"published to {dest}")
+
+
+def write_gzip(path: Path, data: bytes) -> None:
+    """``data`` gzipped to ``path`` atomically, byte-reproducible (no name or time in the header)."""
+    import gzip
+
+    from msl_ds.io import write_bytes
+
+    write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ class TrainSection:
 class ReplaySection:
     ratio: float = 1.0
     max_buffer: int = 0
+    in_msl: bool = False
+    weight: float = 0.0
 
 
 @dataclass
@@ -154,7 +156,9 @@ class AugmentSection:
     rehearsal_agree: float = 0.5
     rehearsal_temperature: float = 0.7
     reach: Literal["stage", "all"] = "all"
-    other_subjects: float = 12.0
+    rehearsal_every: int = 1
+    pseudo_weight: float = 0.2
+    replace_stale: bool = True
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 32
@@ -389,6 +393,7 @@ RENAMED = {
     "pbl.beta": "pbl.np_weight",
     "pbl.beta_sigmoid": "pbl.sigmoid_beta",
     "data.train_splits": "",  # removed: every stage trains on its train split
+    "augment.other_subjects": "augment.rehearsal_every",  # the per-stage cap gave way to a coverage schedule
 }
 
 
@@ -537,8 +542,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"{cfg.source}: augment.rehearsal_samples must be >= 0, rehearsal_agree in (0, 1], rehearsal_temperature > 0"
         )
-    if min(a.paraphrase, a.expansion) < 0 or a.other_subjects < 0 or a.batch_size < 1:
-        raise ConfigError(f"{cfg.source}: augment.paraphrase/expansion/other_subjects must be >= 0, batch_size >= 1")
+    if min(a.paraphrase, a.expansion) < 0 or a.batch_size < 1:
+        raise ConfigError(f"{cfg.source}: augment.paraphrase/expansion must be >= 0, batch_size >= 1")
+    if a.rehearsal_every < 1 or a.pseudo_weight < 0:
+        raise ConfigError(f"{cfg.source}: augment.rehearsal_every must be >= 1 and augment.pseudo_weight >= 0")
+    if not 0.0 <= cfg.replay.weight < 1.0:
+        raise ConfigError(f"{cfg.source}: replay.weight must lie in [0, 1) (0 = each replayed row weighs 1)")
     if min(a.max_new_tokens, a.background_max_new_tokens) < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
         raise ConfigError(f"{cfg.source}: augment max_new_tokens must be >= 1, temperature >= 0, top_p in (0, 1]")
     if not 0 < cfg.select.top_q <= 1 or not 0 <= cfg.select.near_copy <= 1:

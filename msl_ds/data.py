@@ -190,6 +190,29 @@ def replay_rows(world: World, stage: int, n: int, max_buffer: int, seed: int) ->
     return rng.sample(pool, n)
 
 
+def hold_replay_share(examples: list["Example"], share: float, loss_norm: str) -> float | None:
+    """Give the replayed rows (``row["replayed"]``) one common loss weight such that they carry
+    ``share`` of the stage's weighted answer tokens (``loss_norm`` token; of its weighted rows
+    under ``row``), in place; returns that weight (None when ``share`` is 0 or nothing is replayed).
+
+    Under the token-mean loss a row counts by its answer tokens, so replayed rows lose ground
+    whenever augmentation adds rows; this keeps their share of every step, in expectation,
+    where the protocol states it (``replay.weight``)."""
+
+    def size(x: "Example") -> float:
+        return 1.0 if loss_norm == "row" else float(sum(1 for t in x.labels if t != -100))
+
+    replayed = [x for x in examples if x.row.get("replayed")]
+    if not share or not replayed:
+        return None
+    mine = sum(size(x) for x in replayed)
+    others = sum(x.weight * size(x) for x in examples if not x.row.get("replayed"))
+    weight = share * others / ((1.0 - share) * mine) if mine else 0.0
+    for x in replayed:
+        x.weight = weight
+    return weight
+
+
 # --------------------------------------------------------------------------- tokenising & batches
 
 

@@ -25,9 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from msl_ds import distributed as D
-from msl_ds.augment import KINDS, acceptance, run_augment, training_rows
+from msl_ds.augment import KINDS, acceptance, coverage_metrics, run_augment, training_rows
 from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_deepspeed_config
-from msl_ds.data import DataError, check_lengths, encode_rows, load_world, replay_rows, stage_plan
+from msl_ds.data import (
+    DataError,
+    check_lengths,
+    encode_rows,
+    hold_replay_share,
+    load_world,
+    replay_rows,
+    stage_plan,
+)
 from msl_ds.datafiles import DataSource
 from msl_ds.diagnostics import collateral_damage, earlier_answers, rehearsal_metrics
 from msl_ds.engine import Checkpoints, build_engine, set_total_steps, stage_done
@@ -56,12 +64,14 @@ from msl_ds.probe import (
     probe_seed,
     probe_stage,
 )
+from msl_ds.provenance import run_record
 from msl_ds.trainer import StageTrainer, rng_state, set_rng_state
 
 log = logging.getLogger("msl_ds")
 DIAG_KEYS = (  # msl_ds.diagnostics and the after-training margin, on TensorBoard under pbl/
     "np_margin_after", "collateral_facts", "collateral_before", "collateral_after", "rehearsal_statements",
-    "rehearsal_precision", "rehearsal_coverage",
+    "rehearsal_precision", "rehearsal_coverage", "rehearsal_subject_coverage", "rehearsal_accepted_coverage",
+    "rehearsal_window_coverage",
 )  # fmt: skip
 PROBE_KEYS = {
     "probe_known",
@@ -212,7 +222,8 @@ class Recipe:
         if D.is_rank0() and done:
             table = markdown_table(done)
             write_text(self.out / "metrics.md", table)
-            write_json(self.out / "summary.json", json_safe({"stages": done}))
+            # the effective config (every key, resolved) and the code's commit: what the numbers mean
+            write_json(self.out / "summary.json", json_safe({**run_record(self.cfg), "stages": done}))
             self.monitor.text("summary", table, done[-1]["global_step"])
             final = self.stage_dir(self.stages[-1]) / "hf"
             print(
@@ -241,13 +252,17 @@ class Recipe:
         # generation phases use π_{t-1}: they run before any checkpoint is loaded
         before = self.pre_eval(engine, pad, t, prev)
         probed = self.probe(engine, pad, t)
-        if probed is not None:
+        loss_cfg = self.loss_config()
+        if probed is not None and (loss_cfg.needs_ref() or loss_cfg.needs_pairs()):
+            # candidates join the step only when a term trains on them: with α = β = 0 (and no
+            # paired loss) the batches, hence every float of the step, are sft's
             attach_candidates(examples, probed, self.tokenizer, self.cfg.data.max_seq_len, self.cfg.pbl)
         augmented = self.augment(engine, pad, t)
         if augmented is not None:
             rows = training_rows(augmented, self.cfg.augment)
             examples += encode_rows(self.tokenizer, rows, self.cfg.data.max_seq_len, "truncate", f"{sdir}/augment")
         release_generation_copy()  # training changes the weights: the copy the phases generated with goes
+        replay_weight = hold_replay_share(examples, self.cfg.replay.weight, self.cfg.train.loss_norm)
         plan = stage_plan(examples, self.cfg.train, D.world_size(), self.cfg.run.seed * 1000 + t)
         label = self.label(t)
         set_total_steps(engine, self.cfg.train, len(plan))
@@ -261,7 +276,7 @@ class Recipe:
             ckpts.save(engine, step, {"stage": t, "rng": rng_state()})
 
         trainer = StageTrainer(
-            engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"], self.loss_config(),
+            engine, self.cfg.train, examples, plan, pad, t, self.monitor, save, prev["global_step"], loss_cfg,
             peak_tflops=self.cfg.monitor.peak_tflops, label=label,
         )  # fmt: skip
         if start < len(plan):
@@ -287,6 +302,9 @@ class Recipe:
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
             stats.update(acceptance(augmented) if augmented is not None else {})
+            stats.update(self.replay_stats(examples, replay_weight))
+            if augmented is not None:  # the rehearsal schedule's coverage of earlier subjects
+                stats.update(coverage_metrics(self.world, t, self.stages, self.cfg.augment, augmented))
             stats.update(after, **self.diagnostics(t, probed, augmented, before, prev, results))
             metrics = self.stage_metrics(t, prev, before, results, stats, len(plan), time.time() - t0)
             write_jsonl(sdir / "eval.jsonl", [dict(r, set=n) for n, rs in results.items() for r in rs])
@@ -328,12 +346,19 @@ class Recipe:
     def training_examples(self, t: int):
         rows = list(self.world.split(t, "train"))
         where = str(self.world.files.get((t, "train"), f"{self.cfg.data.dir}/stage_{t:02d}/train"))
-        if self.cfg.run.method == "replay":
+        if self.cfg.run.method == "replay" or (self.cfg.run.method == "msl" and self.cfg.replay.in_msl):
             n = int(round(self.cfg.replay.ratio * len(rows)))
-            rows += replay_rows(self.world, t, n, self.cfg.replay.max_buffer, self.cfg.run.seed)
+            replayed = replay_rows(self.world, t, n, self.cfg.replay.max_buffer, self.cfg.run.seed)
+            rows += [dict(r, replayed=True) for r in replayed]
         if not rows:
             raise SystemExit(f"{where}: stage {t} has no training rows")
         return encode_rows(self.tokenizer, rows, self.cfg.data.max_seq_len, self.cfg.data.overlong, where)
+
+    @staticmethod
+    def replay_stats(examples, weight: float | None) -> dict[str, Any]:
+        """How many replayed rows the stage trained and the loss weight each carried."""
+        n = sum(1 for x in examples if x.row.get("replayed"))
+        return {"replay_rows": n, "replay_row_weight": weight if weight is not None else 1.0} if n else {}
 
     def stage_ds_config(self, t: int) -> dict[str, Any]:
         ds = dict(self.ds_config)

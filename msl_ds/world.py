@@ -4,9 +4,12 @@ A *world* is a set of fictional entities (companies, people, cities, products)
 whose attributes are asked about as short questions.  Stage 0 holds the base
 knowledge; each later stage changes a share of the mutable facts (``conflict``
 rows carrying ``previous_answer``) and introduces a few new entities (``new``
-rows).  Facts that never change are collected in ``retain.jsonl`` and a small
-general skill (two-digit addition) learned in stage 0 is probed by
-``general.jsonl``.
+rows).  Facts that never change are collected in ``retain.jsonl``.  A small
+general skill (two-digit addition) is probed by ``general.jsonl`` on items held out by
+construction: the base model learns them from ``general_base.jsonl``, which only the
+base builder reads; no stage file holds them, so no stage trains them, and replay and
+rehearsal (which read the stage files) never see them.  Stage 0's own addition items
+(other pairs) stay in its training rows as the skill's pseudo-subjects.
 
 Design rules that the trainer and evaluator rely on (all checked in code):
 
@@ -38,7 +41,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # 2: rows carry fact_id; retain/general get valid-phrasing probes
+# 2: rows carry fact_id; retain/general get valid-phrasing probes. 3: the general probe asks
+# held-out addition items (general_base.jsonl teaches them to the base model only), not stage 0's
+GENERATOR_VERSION = 3
 RNG_STREAM = 1  # the random stream: unchanged since version 1, so the rows are the same
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 KINDS: tuple[str, ...] = ("base", "general", "conflict", "new", "retain")
@@ -47,6 +52,7 @@ ENTITY_TYPES: tuple[str, ...] = ("company", "person", "city", "product")
 TYPE_PREFIX: dict[str, str] = {"company": "co", "person": "pe", "city": "ci", "product": "pr"}
 GENERAL_RELATION = "addition"
 GENERAL_PREFIX = "ad"
+PROBE_PREFIX = "gp"  # the held-out items of the general probe
 N_COUNTRIES = 6
 
 
@@ -362,6 +368,7 @@ class World:
     meta: dict[str, Any] = field(default_factory=dict)
     retain_valid: list[dict[str, Any]] = field(default_factory=list)  # the probes in valid phrasings
     general_valid: list[dict[str, Any]] = field(default_factory=list)
+    general_base: list[dict[str, Any]] = field(default_factory=list)  # the probe items' train phrasings: base only
 
 
 @dataclass
@@ -561,12 +568,25 @@ def _evolve(rng: random.Random, ws: WorldSize, by_type: dict[str, list[_Entity]]
     return facts
 
 
+def _all_general_pairs() -> list[tuple[int, int]]:
+    return sorted({(a, b) for a in range(10, 90) for b in range(10, 90) if a + b <= 99})
+
+
 def _make_general(rng: random.Random, n: int) -> list[tuple[int, int]]:
     """Distinct (a, b) two-digit addends with a + b in 20..99 (answers stay 2-digit)."""
-    pairs = sorted({(a, b) for a in range(10, 90) for b in range(10, 90) if a + b <= 99})
-    if n > len(pairs):
-        raise ValueError(f"n_general={n} exceeds {len(pairs)} possible items")
+    pairs = _all_general_pairs()
+    if 2 * n > len(pairs):
+        raise ValueError(f"n_general={n} exceeds {len(pairs) // 2} possible items (stage 0's and the probe's)")
     return sorted(rng.sample(pairs, n))
+
+
+def _probe_general(seed: int, n: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``n`` addition items for the general probe, disjoint from stage 0's ``taken`` (also as sums
+    of the same addends in the other order). Their own random stream, so every stage file keeps
+    its bytes."""
+    used = set(taken) | {(b, a) for a, b in taken}
+    free = [p for p in _all_general_pairs() if p not in used]
+    return sorted(random.Random(f"msl_ds.world/general-probe/{seed}").sample(free, n))
 
 
 # --------------------------------------------------------------------------- #
@@ -609,14 +629,17 @@ def _fact_rows(
     ]
 
 
-def _general_rows(tag: str, pairs: list[tuple[int, int]], split: str, idx: list[int]) -> list[dict[str, Any]]:
-    """Addition-probe rows for one split."""
+def _general_rows(
+    tag: str, pairs: list[tuple[int, int]], split: str, idx: list[int], prefix: str = GENERAL_PREFIX
+) -> list[dict[str, Any]]:
+    """Addition rows for one split (``prefix``: the items' key, ``ad`` for stage 0's, ``gp`` for the
+    held-out probe's, so the two sets never share a ``fact_id``)."""
     rows = []
     for k, (a, b) in enumerate(pairs):
         for i in idx:
             rows.append(
                 _row(
-                    f"{tag}/{GENERAL_PREFIX}{k:04d}/{GENERAL_RELATION}/{split}/p{i}",
+                    f"{tag}/{prefix}{k:04d}/{GENERAL_RELATION}/{split}/p{i}",
                     GENERAL_TEMPLATES[i].format(a=a, b=b),
                     str(a + b),
                     f"{a}+{b}",
@@ -674,9 +697,10 @@ def _fact_sort_key(f: _Fact) -> tuple[str, int]:
 
 
 def _build_rows(
-    ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]]
+    ws: WorldSize, facts: list[_Fact], pairs: list[tuple[int, int]], probe: list[tuple[int, int]]
 ) -> tuple[list[dict[str, list[dict]]], list[dict], list[dict], list[dict], list[dict]]:
-    """Turn evolved facts into stage files and the retain/general probes (test, then valid)."""
+    """Turn evolved facts into stage files and the retain/general probes (test, then valid).
+    ``pairs``: stage 0's addition items; ``probe``: the held-out ones the general probe asks."""
     idx = ws.split_indices()
     facts = sorted(facts, key=_fact_sort_key)
     base = [f for f in facts if f.introduced == 0]
@@ -705,7 +729,7 @@ def _build_rows(
         if f.changed_at is None
         for r in _fact_rows("retain", f, "test", idx["test"], f.initial, "retain")
     ]
-    general = _general_rows("general", pairs, "test", idx["test"])
+    general = _general_rows("general", probe, "test", idx["test"], PROBE_PREFIX)
     # the same probes in the valid phrasings, for tuning: a valid run never reads a test phrasing
     retain_valid = [
         r
@@ -713,7 +737,7 @@ def _build_rows(
         if f.changed_at is None
         for r in _fact_rows("retain", f, "valid", idx["valid"], f.initial, "retain")
     ]
-    general_valid = _general_rows("general", pairs, "valid", idx["valid"])
+    general_valid = _general_rows("general", probe, "valid", idx["valid"], PROBE_PREFIX)
     return stages, retain, general, retain_valid, general_valid
 
 
@@ -723,7 +747,7 @@ def _build_rows(
 def _all_rows(world: World) -> list[dict[str, Any]]:
     """Every row of the world (stages, retain, general) in file order."""
     rows = [r for st in world.stages for s in SPLITS for r in st[s]]
-    return rows + world.retain + world.general + world.retain_valid + world.general_valid
+    return rows + world.retain + world.general + world.retain_valid + world.general_valid + world.general_base
 
 
 def validate_world(world: World) -> None:
@@ -801,6 +825,7 @@ def _data_files(world: World) -> dict[str, bytes]:
     files["general.jsonl"] = _jsonl_bytes(world.general)
     files["retain_valid.jsonl"] = _jsonl_bytes(world.retain_valid)
     files["general_valid.jsonl"] = _jsonl_bytes(world.general_valid)
+    files["general_base.jsonl"] = _jsonl_bytes(world.general_base)
     return files
 
 
@@ -862,8 +887,13 @@ def generate_world(size: str | WorldSize = "default", seed: int = 0) -> World:
     by_type, countries = _make_entities(rng, ws)
     facts = _evolve(rng, ws, by_type, countries)
     pairs = _make_general(rng, ws.n_general)
-    stages, retain, general, retain_valid, general_valid = _build_rows(ws, facts, pairs)
-    world = World(stages=stages, retain=retain, general=general, retain_valid=retain_valid, general_valid=general_valid)
+    probe = _probe_general(seed, ws.n_general, pairs)
+    stages, retain, general, retain_valid, general_valid = _build_rows(ws, facts, pairs, probe)
+    general_base = _general_rows("general", probe, "train", ws.split_indices()["train"], PROBE_PREFIX)
+    world = World(
+        stages=stages, retain=retain, general=general, retain_valid=retain_valid, general_valid=general_valid,
+        general_base=general_base,
+    )  # fmt: skip
     validate_world(world)
     world.meta = {
         "generator": "msl_ds.world",

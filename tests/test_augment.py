@@ -13,11 +13,15 @@ import pytest
 
 from msl_ds.augment import (
     acceptance,
+    coverage,
     jaccard,
-    other_subjects,
+    pseudo_subjects,
     replace_stale,
+    scheduled_subjects,
     select,
+    subject_order,
     training_rows,
+    window_coverage,
     word_mi,
 )
 from msl_ds.config import AugmentSection, SelectSection
@@ -148,14 +152,61 @@ def test_replace_stale_whole_words_any_case():
     assert replace_stale("price: 3.5 (3x5)", "3.5", "4") == "price: 4 (3x5)"
 
 
-def test_other_subjects_deterministic_and_untouched():
+def test_schedule_round_robin_over_earlier_subjects():
     rows = [{"subject": "A"}, {"subject": "B"}, {"subject": "A"}]
     earlier = [{"subject": s} for s in "ABCDEFGH"] + [{"question": "no subject"}]
-    got = other_subjects(rows, earlier, 2.0, seed=3)
-    assert got == other_subjects(rows, earlier, 2.0, seed=3)
-    assert len(got) == 4 and not set(got) & {"A", "B"} and set(got) <= set("CDEFGH")
-    assert other_subjects(rows, earlier, 10.0, seed=3) == list("CDEFGH")
-    assert other_subjects(rows, earlier, 0.0, seed=3) == []
+    # positions 0..7; every=3 at stage 4 (4 % 3 = 1): positions 1, 4, 7 = B, E, H, less the stage's own B
+    assert scheduled_subjects(rows, earlier, 3, stage=4) == ["E", "H"]
+    assert scheduled_subjects(rows, earlier, 1, stage=4) == list("CDEFGH")
+    # a later stage appends subjects; the earlier ones keep their positions, hence their period
+    grown = earlier + [{"subject": s} for s in "IJ"]
+    assert scheduled_subjects(rows, grown, 3, stage=4) == ["E", "H"]
+    assert scheduled_subjects(rows, grown, 3, stage=5) == ["C", "F", "I"]
+
+
+def test_pseudo_subjects_weighted_and_left_out_of_coverage():
+    earlier = [
+        {"subject": "Acme", "kind": "base"}, {"subject": "12+30", "kind": "general"},
+        {"subject": "Bo", "kind": "base"}, {"subject": "Bo", "kind": "general"},
+    ]  # fmt: skip
+    assert pseudo_subjects(earlier) == {"12+30"}
+    # coverage counts fact subjects only: Acme rehearsed, Bo not -> 1/2 whatever 12+30 gets
+    assert coverage([], earlier, {"Acme", "12+30"}) == 0.5
+    aug = AugmentSection(pseudo_weight=0.25)
+    recs = [
+        {"id": "a", "kind": "rehearsal", "question": "q", "answer": "x", "accepted": True, "pseudo": True},
+        {"id": "b", "kind": "rehearsal", "question": "q", "answer": "y", "accepted": True, "pseudo": False},
+    ]
+    assert [r["weight"] for r in training_rows(recs, aug)] == [0.25, 1.0]
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_schedule_covers_every_earlier_subject_in_every_window(tiny_world, every):
+    """On the tiny world's plan (stages 1-7), every window of ``every`` consecutive stages
+    rehearses or trains every fact subject trained before the window: coverage 1.00."""
+    from msl_ds.data import load_world
+
+    world = load_world(tiny_world, ("train",), "valid")
+    stages = sorted(s for s in world.stages if s >= 1)
+    assert len(stages) == 7
+    for i in range(len(stages) - every + 1):
+        assert window_coverage(world, stages[i : i + every], every) == 1.0, (every, stages[i])
+    # and not trivially: a single stage of a k > 1 schedule leaves earlier subjects out
+    if every > 1:
+        per_stage = [
+            coverage(
+                world.split(t, "train"),
+                world.train_before(t),
+                set(scheduled_subjects(world.split(t, "train"), world.train_before(t), every, t)),
+            )
+            for t in stages
+        ]
+        assert max(per_stage) < 1.0, per_stage
+    # the schedule is every earlier subject at k = 1, the arithmetic items (pseudo-subjects) included
+    t = stages[-1]
+    planned = scheduled_subjects(world.split(t, "train"), world.train_before(t), 1, t)
+    mine = {r["subject"] for r in world.split(t, "train")}
+    assert set(planned) == set(subject_order(world.train_before(t))) - mine
 
 
 def test_training_rows_carry_kind_weights_and_acceptance_counts():

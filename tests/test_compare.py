@@ -63,7 +63,25 @@ def test_compare_tiny_mode(tiny_world, tiny_base, tmp_path):
         assert (out / f"matrix_{method}.png").read_bytes()[:8] == PNG
         published = json.loads((tmp_path / "published" / "runs" / f"{method}_seed0.json").read_text())
         assert published["stages"][-1]["acc_world"] == r["stages"][-1]["acc_world"] and published["seed"] == 0
-    assert summary["methods"]["msl_no_aug"]["conflict_recall"]["mean"] >= 0  # msl reports the probe
+    # msl reports the probe: its conflict recall, recomputed from probe.jsonl against the oracle
+    # (a changed fact whose greedy answer still gives the previous answer)
+    probed = [json.loads(x) for x in (out / "runs/msl_no_aug/seed0/stage_01/probe.jsonl").read_text().splitlines()]
+    truth = [bool(r.get("previous_answer")) and r["previous_answer"].lower() in r["greedy"].lower() for r in probed]
+    found = sum(t and r["label"] == "conflict" for t, r in zip(truth, probed))
+    assert sum(truth) > 0
+    assert summary["methods"]["msl_no_aug"]["conflict_recall"]["mean"] == pytest.approx(found / sum(truth), abs=1e-12)
+    # every published run records its effective config and commit, and its answers reproduce acc_world
+    for method in ("sft", "msl_no_aug"):
+        pub = tmp_path / "published" / "runs" / f"{method}_seed0.json"
+        rec = json.loads(pub.read_text())
+        eff = rec["effective_config"]
+        assert eff["data"]["stages"] == [1] and eff["train"]["max_steps"] == 4 and eff["data"]["eval_split"] == "valid"
+        assert eff["run"]["method"] == ("sft" if method == "sft" else "msl") and eff["augment"]["enabled"] == (
+            method != "msl_no_aug"
+        )
+        assert rec["commit"]["commit"] == summary["methods"][method]["commit"]["commit"]
+        tool = run([sys.executable, str(REPO / "tools" / "rescore.py"), "--data", str(world), str(pub)], timeout=120)
+        assert json.loads(tool.stdout.splitlines()[-1])["acc_world"] == pytest.approx(rec["stages"][-1]["acc_world"])
     assert (out / "curves.png").read_bytes()[:8] == PNG
     assert (tmp_path / "published" / "summary.json").read_text() == (out / "summary.json").read_text()
     md = (out / "summary.md").read_text()

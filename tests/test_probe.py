@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import MSL_COMMON, TINY_CONFIG, deepspeed_cmd, run
@@ -17,7 +18,7 @@ from conftest import MSL_COMMON, TINY_CONFIG, deepspeed_cmd, run
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 
-def test_msl_stage_writes_probe_and_pbl_metrics(msl_run):
+def test_msl_stage_writes_probe_and_pbl_metrics(msl_run, tiny_world):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from msl_ds.io import marker_ok, read_json, read_jsonl
@@ -43,7 +44,9 @@ def test_msl_stage_writes_probe_and_pbl_metrics(msl_run):
     assert m["probe_conflicting"] > 0 and m["np_pushed"] > 0 and m["np_pushed_gold"] == 0, m
     assert m["np_margin_after"] > m["np_margin_before"], m
     assert m["collateral_facts"] == 0 and m["collateral_before"] is None, m
-    assert 0 <= m["rehearsal_precision"] <= 1 and 0 < m["rehearsal_coverage"] <= 1, m
+    precision, coverage = rehearsal_by_hand(tiny_world, augmented)
+    assert m["rehearsal_precision"] == pytest.approx(precision, abs=1e-12), (m, precision)
+    assert m["rehearsal_coverage"] == pytest.approx(coverage, abs=1e-12) and coverage > 0, (m, coverage)
     acc = EventAccumulator(str(msl_run / "tb" / "msl"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -53,6 +56,31 @@ def test_msl_stage_writes_probe_and_pbl_metrics(msl_run):
         "pbl/rehearsal_precision",
     ):  # fmt: skip
         assert tag in tags, (tag, sorted(tags))
+
+
+def rehearsal_by_hand(world: Path, augmented: list[dict]) -> tuple[float, float]:
+    """Stage 1's rehearsal precision and coverage, from the world files and augment.jsonl alone:
+    a statement is true when it reads "<relation words> of <subject>: <current gold>."; an earlier
+    fact (trained before stage 1, not in it) is covered when some statement is about it."""
+    import re
+
+    norm = lambda t: " ".join(re.findall(r"\w+", t.lower()))  # noqa: E731
+    gold, about, earlier = {}, {}, set()
+    stage1 = {json.loads(x)["fact_id"] for x in (world / "stage_01" / "train.jsonl").read_text().splitlines()}
+    for t in (0, 1):
+        for line in (world / f"stage_{t:02d}" / "train.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            gold[r["fact_id"]] = r["answer"]
+            about[r["fact_id"]] = norm(f"{r['relation'].replace('_', ' ')} of {r['subject']}:")
+            if r["fact_id"] not in stage1:
+                earlier.add(r["fact_id"])
+    true = {norm(f"{about[k]} {g}") for k, g in gold.items()}
+    said = [
+        norm(x) for r in augmented if r["kind"] == "rehearsal" and r["accepted"]
+        for x in re.split(r"(?<=\.)\s+", r["answer"].strip()) if x.strip()
+    ]  # fmt: skip
+    covered = {k for k in earlier for x in said if x.startswith(about[k] + " ")}
+    return sum(x in true for x in said) / len(said), len(covered) / len(earlier)
 
 
 def test_probe_finds_the_planted_conflicts(msl_run):

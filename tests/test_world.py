@@ -90,10 +90,36 @@ def test_general_skill(world: World) -> None:
     gen_train = [r for r in world.stages[0]["train"] if r["kind"] == "general"]
     n = SIZES["tiny"].n_general
     assert len({r["subject"] for r in gen_train}) == n == len({r["subject"] for r in world.general})
-    for r in gen_train + world.general:
+    for r in gen_train + world.general + world.general_base:
         a, b = map(int, r["subject"].split("+"))
         assert r["answer"] == str(a + b) and 10 <= a + b <= 99
     assert {r["question"] for r in gen_train}.isdisjoint(r["question"] for r in world.general)
+
+
+def test_general_probe_held_out_by_construction(world: World) -> None:
+    """The general probe asks items that no stage file holds (so no stage trains them, and replay
+    and rehearsal, which read the stage files, never see them): only general_base.jsonl, which
+    the base builder alone reads, teaches them, in train phrasings."""
+    from msl_ds.augment import scheduled_subjects, subject_order
+
+    probe = {r["subject"] for r in world.general + world.general_valid}
+    probe_facts = {r["fact_id"] for r in world.general + world.general_valid}
+    assert len(probe) == SIZES["tiny"].n_general
+    staged = [r for st in world.stages for s in SPLITS for r in st[s]]
+    assert probe.isdisjoint(r["subject"] for r in staged)
+    assert probe_facts.isdisjoint(r["fact_id"] for r in staged)
+    # not even the same addends in the other order
+    flipped = {"+".join(reversed(p.split("+"))) for p in probe}
+    assert flipped.isdisjoint(r["subject"] for r in staged)
+    # the base builder's file holds exactly the probe's items, in train phrasings only
+    assert {r["subject"] for r in world.general_base} == probe
+    assert {split_of(r) for r in world.general_base} == {"train"}
+    assert {r["question"] for r in world.general_base}.isdisjoint(r["question"] for r in world.general)
+    # the rehearsal schedule of every stage draws from the stage files: never a probe item
+    for t in range(1, len(world.stages)):
+        earlier = [r for s in range(t) for r in world.stages[s]["train"]]
+        assert probe.isdisjoint(subject_order(earlier))
+        assert probe.isdisjoint(scheduled_subjects(world.stages[t]["train"], earlier, 1, t))
 
 
 def test_phrasings_disjoint(world: World) -> None:
@@ -199,7 +225,7 @@ def test_written_files_match_world(tmp_path: Path, world: World) -> None:
     out = write_world(world, tmp_path / "w")
     meta = verify_world(out)
     assert meta == json.loads(json.dumps(world.meta))
-    probes = {"retain.jsonl", "general.jsonl", "retain_valid.jsonl", "general_valid.jsonl"}
+    probes = {"retain.jsonl", "general.jsonl", "retain_valid.jsonl", "general_valid.jsonl", "general_base.jsonl"}
     expected = {f"stage_{t:02d}/{s}.jsonl" for t in range(8) for s in SPLITS} | probes
     assert set(meta["files"]) == expected
     assert set(read_tree(out)) == expected | {"world.json"}
@@ -278,10 +304,19 @@ def test_size_presets() -> None:
 # --------------------------------------------------------------------------- harder worlds
 
 # the rows of the shipped default and tiny worlds (seed 0) must never change: base models and
-# running comparisons are built on them
+# running comparisons are built on them. Changed deliberately in generator version 3 (protocol v1,
+# docs/PROTOCOL.md): the general probe (general.jsonl, general_valid.jsonl) asks held-out addition
+# items, taught to the base model by the new general_base.jsonl, instead of stage 0's items that
+# rehearsal trains on; every stage file and the retain probes keep their bytes (STAGE_PINNED).
 PINNED = {
-    "default": "0ad7586630cc5450ca9911a51b3cc5228d1be7d04f43ad839f6427aa92bbc7d5",
-    "tiny": "8412ca0df8360b404756869283de3659e05bfaafab833bdb0aba2a5944f3249a",
+    "default": "e2476ad7529b2c5b831f1bbdf2992aa89769c6ccb704bf1fe4120fbc7e1c79e0",
+    "tiny": "19e7bd03ada0934f9f8bb9b707a24eab5e9c18b1001cb7883780456e1777d982",
+}
+# the stage files and retain probes alone: the same digests as generator version 2
+STAGE_PINNED = {
+    "default": "0f77442542b39638f1d9ed8df4f960da7d06fdb8ae577dd99c7ff84ddd50203b",
+    "tiny": "24611d6d729b77229d84575f84a578530ab56871a4506a2a525e1d939a00fef9",
+    "hard": "cfeccc028e0728217c031d67372a367dac6418a987e433a14edf3f2d56ee40b5",
 }
 
 
@@ -289,6 +324,12 @@ PINNED = {
 def test_shipped_worlds_unchanged(size: str) -> None:
     files = generate_world(size, seed=0).meta["files"]
     assert hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest() == PINNED[size]
+
+
+@pytest.mark.parametrize("size", sorted(STAGE_PINNED))
+def test_stage_files_kept_their_bytes(size: str) -> None:
+    files = {k: v for k, v in generate_world(size, seed=0).meta["files"].items() if k.startswith(("stage_", "retain"))}
+    assert hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest() == STAGE_PINNED[size]
 
 
 @pytest.fixture(scope="module")
