@@ -52,7 +52,7 @@ setup: $(BIN)/.installed
 setup-test: $(BIN)/.installed-test
 
 world: setup
-	test -f $(WORLD)/world.json || $(BIN)/python launch/make_world.py --out $(WORLD) --size $(SIZE)
+	$(BIN)/python launch/make_world.py --out $(WORLD) --size $(SIZE) --update
 
 base: world
 	$(BIN)/deepspeed --num_gpus $(NPROC) launch/make_base.py $(CONFIG) $(BASE_ARGS)
@@ -99,8 +99,8 @@ test-fast: setup-test
 	$(BIN)/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
 
 lint: setup-test
-	$(BIN)/ruff check msl_ds launch tests benchmarks
-	$(BIN)/ruff format --check msl_ds launch tests benchmarks
+	$(BIN)/ruff check msl_ds launch tests benchmarks tools
+	$(BIN)/ruff format --check msl_ds launch tests benchmarks tools
 
 bench: setup-test
 	$(BIN)/deepspeed --num_gpus $(NPROC) benchmarks/bench_train_throughput.py

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from msl_ds.data import encode_rows, load_rows, load_world, stage_plan
 from msl_ds.engine import Checkpoints, build_engine
 from msl_ds.evaluation import accuracy, evaluate_sets
 from msl_ds.generation import GenConfig, release_generation_copy
-from msl_ds.io import marker_ok, read_json, write_json, write_marker
+from msl_ds.io import MARKER, marker_ok, read_json, write_json, write_marker
 from msl_ds.kernels import LossConfig
 from msl_ds.modeling import build_tokenizer, check_model_dir, export_model, init_model_dir, load_tokenizer
 from msl_ds.monitor import Monitor, set_progress
@@ -57,13 +60,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     set_progress(cfg.monitor.progress)
     out = Path(cfg.base.out_dir)
+    build = out.with_name(out.name + ".build")
+    source = build_source(cfg)
     if marker_ok(out):
+        built_from = read_json(out / MARKER).get("source")
+        if built_from == source:
+            if D.is_rank0():
+                print(f"base model already built: {out} {read_json(out / 'base_metrics.json')}")
+            return
+        D.barrier()  # every rank has read the old marker before rank 0 removes it
         if D.is_rank0():
-            print(f"base model already built: {out} {read_json(out / 'base_metrics.json')}")
-        return
+            log.warning("%s was built from another world or base config (%s): rebuilding it", out, built_from)
+            shutil.rmtree(out)
+            shutil.rmtree(build, ignore_errors=True)  # its checkpoints belong to the old build
+        D.barrier()
     t0 = time.time()
     world = load_world(cfg.data.dir)
-    build = out.with_name(out.name + ".build")
     init_dir = Path(cfg.base.init) if cfg.base.init else build / "init"  # base.init: a model of one's own
     if cfg.base.init:
         check_model_dir(init_dir, cfg.data.max_seq_len)
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         write_json(out / "base_metrics.json", metrics)
-        write_marker(out, ["base_metrics.json", "config.json", "model.safetensors"])
+        write_marker(out, ["base_metrics.json", "config.json", "model.safetensors"], {"source": source})
         short = [k for k, v in metrics.items() if k.endswith("_acc") and v < cfg.base.min_accuracy]
         print(
             f"base model: {out} "
@@ -128,6 +140,30 @@ def main(argv: list[str] | None = None) -> None:
         if short:
             print(f"WARNING: {short} below base.min_accuracy={cfg.base.min_accuracy}", flush=True)
     D.shutdown()
+
+
+def build_source(cfg) -> dict[str, str]:
+    """What a base model is built from: the world's manifest and every setting of the build.
+
+    A cached base whose marker records another source (the world was regenerated, a base setting
+    changed) is rebuilt instead of trusted.
+    """
+    settings = {
+        "base": dataclasses.asdict(cfg.base),
+        "skills": dataclasses.asdict(cfg.skills),
+        "seed": cfg.run.seed,
+        "max_seq_len": cfg.data.max_seq_len,
+        "chat_template": cfg.model.chat_template,
+    }
+    data = Path(cfg.data.dir)
+    files = sorted(p for p in [*data.glob("stage_00/*"), *data.glob("*.json*"), *data.glob("*.parquet")] if p.is_file())
+    world = hashlib.sha256()
+    for p in files:  # stage 0, the probes and the manifest: what the build reads and reports on
+        world.update(f"{p.relative_to(data)}\0".encode() + hashlib.sha256(p.read_bytes()).digest())
+    return {
+        "world": world.hexdigest(),
+        "settings": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(),
+    }
 
 
 def skill_templates(cfg) -> list[str]:

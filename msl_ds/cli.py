@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -26,7 +28,7 @@ from msl_ds.config import ConfigError, dump_yaml, load_config, load_deepspeed_co
 from msl_ds.data import DataError
 from msl_ds.engine import CheckpointWorldSizeError
 from msl_ds.modeling import ModelError
-from msl_ds.world import SIZES, WorldSize, generate_world, world_stats, write_world
+from msl_ds.world import SIZES, WorldSize, file_checksums, generate_world, world_stats, write_world
 
 BAD_INPUT = (ConfigError, DataError, ModelError, CheckpointWorldSizeError)
 
@@ -133,6 +135,11 @@ def _world_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep an existing output directory that holds exactly this world, replace it otherwise (make world)",
+    )
+    p.add_argument(
         "--answer-pool", type=int, default=None, help="values per relation, shared by all subjects (0 = off)"
     )
     p.add_argument("--max-changes", type=int, default=None, help="how many times one fact may change")
@@ -150,11 +157,20 @@ def _world_size(args: argparse.Namespace) -> str | WorldSize:
     return dataclasses.replace(SIZES[args.size], **over) if over else args.size
 
 
+def _written_checksums(out: Path) -> dict[str, str] | None:
+    """sha256 of the data files on disk that ``out/world.json`` lists (None: no readable world)."""
+    try:
+        names = json.loads((out / "world.json").read_text())["files"]
+        return {p: hashlib.sha256((out / p).read_bytes()).hexdigest() for p in sorted(names)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no world, or a broken one: rewritten
+
+
 def make_world(argv: list[str] | None = None) -> int:
     """``msl-make-world``: generate, write and summarise a world; return the exit code."""
     args = _world_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.out.exists() and not args.force:
+    if args.out.exists() and not (args.force or args.update):
         print(f"error: {args.out} exists (use --force to replace it)", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
@@ -164,7 +180,12 @@ def make_world(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     gen_s = time.perf_counter() - t0
-    out = write_world(world, args.out, force=args.force)
+    if args.update and args.out.exists():
+        if _written_checksums(args.out) == file_checksums(world):
+            print(f"world up to date: {args.out}")
+            return 0
+        print(f"{args.out} holds another world (an older generator or other options): replacing it")
+    out = write_world(world, args.out, force=args.force or args.update)
     total_s = time.perf_counter() - t0
     print(f"world size={args.size} seed={args.seed} -> {out}")
     print(

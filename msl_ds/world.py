@@ -922,6 +922,11 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def file_checksums(world: World) -> dict[str, str]:
+    """sha256 of every data file ``write_world`` would write (``world.json``'s ``files``)."""
+    return {p: hashlib.sha256(b).hexdigest() for p, b in sorted(_data_files(world).items())}
+
+
 def write_world(world: World, out_dir: str | os.PathLike[str], force: bool = False) -> Path:
     """Write ``world`` atomically to ``out_dir`` and return its path.
 

@@ -49,7 +49,9 @@ def _guarded(parents: list[ast.AST]) -> bool:
         if isinstance(node, ast.Try):
             for h in node.handlers:
                 names = [h.type] if not isinstance(h.type, ast.Tuple) else list(h.type.elts)
-                if h.type is None or any(getattr(n, "id", "") in ("ImportError", "ModuleNotFoundError", "Exception") for n in names):
+                if h.type is None or any(
+                    getattr(n, "id", "") in ("ImportError", "ModuleNotFoundError", "Exception") for n in names
+                ):
                     return True
     return False
 
@@ -98,7 +100,9 @@ def undeclared(root: Path, sources: tuple[str, ...], setup_py: Path, own: set[st
                 allowed = optional if lazy else core
                 if not names & allowed:
                     where = "an extra or install_requires" if lazy else "install_requires (imported at module level)"
-                    problems.append(f"{path.relative_to(root)}:{line}: imports {mod} ({'/'.join(sorted(names))}), not in {where}")
+                    problems.append(
+                        f"{path.relative_to(root)}:{line}: imports {mod} ({'/'.join(sorted(names))}), not in {where}"
+                    )
     return problems
 
 
@@ -131,6 +135,12 @@ def test_an_undeclared_import_is_caught(tmp_path):
         "import importlib.util\nimportlib.util.find_spec('mpi4py')\n"
     )
     problems = undeclared(tmp_path, ("p",), tmp_path / "setup.py", own={"p"})
-    assert [p.split(": imports ")[1].split(" ")[0] for p in problems] == ["matplotlib", "yaml", "wandb", "tqdm", "mpi4py"]
+    assert [p.split(": imports ")[1].split(" ")[0] for p in problems] == [
+        "matplotlib",
+        "yaml",
+        "wandb",
+        "tqdm",
+        "mpi4py",
+    ]
     assert problems[0].startswith("p/bad.py:1:") and "install_requires (imported at module level)" in problems[0]
     assert "pyyaml" in problems[1]  # named by its distribution, not its module
