@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from msl_ds.chat import end_of_turn_id, messages, render
-from msl_ds.models.importer import MANIFEST, ModelImportError, import_model
+from msl_ds.models.importer import MANIFEST, ModelImportError, import_model, main
 from msl_ds.models.sources import SourceError
 from tests.conftest import REPO, launch_env
 from tests.gguf_writer import tiny_gguf
@@ -79,7 +79,7 @@ def test_changed_source_is_imported_again(tiny, tmp_path):
     assert not hit and second["sha256"] != first["sha256"]
 
 
-def test_killed_import_leaves_no_trusted_output(tiny, tmp_path):
+def test_killed_import_leaves_no_trusted_output(tiny, tmp_path, capsys):
     """SIGKILL after everything is written under the temporary name: no output dir; a rerun completes."""
     path, _, _ = tiny
     out = tmp_path / "killed"
@@ -88,9 +88,8 @@ def test_killed_import_leaves_no_trusted_output(tiny, tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not out.exists()
     assert list(tmp_path.glob(".killed.tmp-*"))  # the half-done import, under a name nothing trusts
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "imported in" in proc.stdout and json.loads((out / MANIFEST).read_text())["kind"] == "gguf"
+    assert main([str(path), "--out", str(out)]) == 0  # the command again, in this process
+    assert "imported in" in capsys.readouterr().out and json.loads((out / MANIFEST).read_text())["kind"] == "gguf"
     assert not list(tmp_path.glob(".killed.tmp-*"))  # the stale one was cleaned
 
 
