@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from tests.chat_families import build_tokenizer
+from chat_families import build_tokenizer
 
 TEXTS = ["What is the capital of France? Paris.", "Two plus two is four.", "Zürich 1234 + 89 = 1323"] * 4
 # rms_norm_eps as float32 holds it: GGUF stores it in float32, the comparison is then bit for bit

@@ -11,12 +11,12 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, launch_env
+from gguf_writer import tiny_gguf
 
 from msl_ds.chat import end_of_turn_id, messages, render
 from msl_ds.models.importer import MANIFEST, ModelImportError, import_model, main
 from msl_ds.models.sources import SourceError
-from tests.conftest import REPO, launch_env
-from tests.gguf_writer import tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_second_import_is_a_cache_hit(tiny, imported):
 
 
 def test_changed_source_is_imported_again(tiny, tmp_path):
-    from tests.gguf_writer import tiny_llama, write_gguf
+    from gguf_writer import tiny_llama, write_gguf
 
     path, _, tok = tiny
     first, _ = import_model(str(path), tmp_path / "m")
