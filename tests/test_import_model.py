@@ -163,3 +163,24 @@ def test_smollm2_import_answers_paris(tmp_path):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert int(out[0, -1]) == tok.convert_tokens_to_ids("<|im_end|>")  # generation_config's eos ends the turn
+
+
+def test_directory_without_template_needs_chat_template(imported, tmp_path):
+    """A tokenizer without a chat template is refused, naming --chat-template; with one it is imported,
+    the template is saved, and it is part of the cache key."""
+    import shutil
+
+    out, _ = imported
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / "chat_template.jinja").unlink()
+    for name in (MANIFEST, "DONE.json"):
+        (bare / name).unlink()
+    with pytest.raises(ModelImportError, match="has no chat template; pass --chat-template"):
+        import_model(str(bare), tmp_path / "o")
+    template = (out / "chat_template.jinja").read_text().replace("You are a helpful assistant.", "Answer briefly.")
+    (tmp_path / "t.jinja").write_text(template)
+    manifest, hit = import_model(str(bare), tmp_path / "o", chat_template=str(tmp_path / "t.jinja"))
+    assert not hit and manifest["chat_template_sha256"] and manifest["end_of_turn"] == "<|im_end|>"
+    assert (tmp_path / "o" / "chat_template.jinja").read_text() == template
+    assert import_model(str(bare), tmp_path / "o", chat_template=str(tmp_path / "t.jinja"))[1]  # same key: hit
