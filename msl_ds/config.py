@@ -514,6 +514,12 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.data.max_seq_len < 4:
         raise ConfigError(f"{cfg.source}: data.max_seq_len must be >= 4")
+    if cfg.data.stages is not None and (not cfg.data.stages or min(cfg.data.stages) < 1):
+        raise ConfigError(
+            f"{cfg.source}: data.stages={cfg.data.stages}: list stages >= 1 (null = every stage_NN with NN >= 1); "
+            f"stage 0 is the base model's knowledge: msl-make-base trains on it, a run evaluates and replays it "
+            f"but never trains it as a stage (README, Data contract)"
+        )
     if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1:
         raise ConfigError(f"{cfg.source}: eval.batch_size and eval.max_new_tokens must be >= 1")
     if cfg.eval.top_k < 0 or not 0.0 <= cfg.eval.max_unfinished <= 1.0:

@@ -1,4 +1,4 @@
-"""Stage data: loading and validating the data layout (README "Your data"), tokenising, batch plans.
+"""Stage data: loading and validating the data layout (README "Data contract"), tokenising, batch plans.
 
 A world directory holds ``stage_NN/{train,valid,test}.{jsonl,parquet}`` plus optional
 ``retain`` and ``general`` files. Rows need ``question`` and ``answer`` (the authors'

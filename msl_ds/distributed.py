@@ -56,12 +56,31 @@ def init(backend: str = "auto", timeout_s: int = 1800, threads_per_rank: int = 0
         # DeepSpeed wraps the group that exists (its CPU shm all-reduce included); all of RANK,
         # WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK are set, so it does no discovery
         _deepspeed().init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    _use_reduce_scatter_single()
     atexit.register(_destroy_at_exit)
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _local_world_size()
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // max(local, 1))
         torch.set_num_threads(threads)
     _unlink_shm_workspace()
+
+
+def _use_reduce_scatter_single() -> None:
+    """Point DeepSpeed's reduce-scatter at ``torch.distributed.reduce_scatter_single``.
+
+    DeepSpeed (0.19) reduce-scatters ZeRO gradients through ``reduce_scatter_tensor``, which torch
+    2.13 deprecated with a FutureWarning (seen at every training step) in favour of
+    ``reduce_scatter_single``, the function it now merely forwards to: same arguments, same result.
+    Where either side differs (an older torch, another DeepSpeed backend), nothing is changed.
+    """
+    import deepspeed.comm.comm as ds_comm
+
+    single = getattr(dist, "reduce_scatter_single", None)
+    cdb = ds_comm.cdb
+    if single is not None and getattr(cdb, "reduce_scatter_function", None) is getattr(
+        dist, "reduce_scatter_tensor", 0
+    ):
+        cdb.reduce_scatter_function = single
 
 
 def world_size_env() -> int:

@@ -188,7 +188,8 @@ class StageTrainer:
             "train_loss": last_loss,
             "train_tokens": planned,
             "train_seconds": elapsed,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
+            # gold answer tokens (the loss's) per second; the console's tok/s counts every processed position
+            "answer_tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
             # DeepSpeed's count survives a resume (it is in the checkpoint); ours is the fallback
             "train_skipped_steps": D.skipped_steps(self.engine, skipped),
             **self._pbl_values(last, prefix=""),
@@ -307,7 +308,7 @@ class StageTrainer:
         values = {
             "train/loss": loss,
             "train/lr": lr,
-            "train/tokens_per_s": tokens / max(elapsed, 1e-9),
+            "train/answer_tokens_per_s": tokens / max(elapsed, 1e-9),
             "train/stage": self.stage,
         }
         if gn is not None:
@@ -321,12 +322,13 @@ class StageTrainer:
         self.monitor.scalars(values, gs)
         self.history.append({"step": step + 1, **{k.split("/")[1]: v for k, v in values.items()}})
         done, left = step + 1 - self._start, len(self.plan) - step - 1
+        mfu = rates.get("mfu", float("nan"))  # NaN: no peak FLOP/s known for the device (monitor.peak_tflops)
         log.info(
-            "%s · train · step %d/%d · loss %.4f · lr %.2e · %.0f tok/s (%.0f non-pad) · %.2f s/step · MFU %.1f%% · "
+            "%s · train · step %d/%d · loss %.4f · lr %.2e · %.0f tok/s (%.0f non-pad) · %.2f s/step · MFU %s · "
             "peak %.2f GiB · ETA %s",
             self.label, step + 1, len(self.plan), loss, lr, rates.get("tokens_per_s_all", float("nan")),
             rates.get("tokens_per_s_nonpad", float("nan")), rates.get("step_time_s", float("nan")),
-            100 * rates.get("mfu", float("nan")), rates.get("peak_mem_gib", float("nan")),
+            f"{100 * mfu:.1f}%" if math.isfinite(mfu) else "-", rates.get("peak_mem_gib", float("nan")),
             duration(elapsed / max(done, 1) * left),
         )  # fmt: skip
 

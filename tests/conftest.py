@@ -119,7 +119,7 @@ def msl_run(tiny_world, tiny_base, tmp_path_factory) -> Path:
     return out
 
 
-TIMING = {"train_seconds", "tokens_per_s", "stage_seconds"}
+TIMING = {"train_seconds", "answer_tokens_per_s", "stage_seconds"}
 TIMING_PREFIXES = ("gen_tokens_per_s_",)  # generation tokens/s per phase
 
 

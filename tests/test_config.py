@@ -129,6 +129,13 @@ def test_overrides_apply_and_are_checked():
         load_config(CONFIG_DIR / "run_cpu_default.yaml", ["train.lr"])
 
 
+def test_stage_0_is_not_a_run_stage():
+    """Stage 0 is the base model's knowledge: a run that lists it would train it as a stage."""
+    for bad in ("[0, 1, 2]", "[]"):
+        with pytest.raises(ConfigError, match=r"data.stages=.*list stages >= 1.*stage 0 is the base"):
+            load_config(CONFIG_DIR / "run_cpu_default.yaml", [f"data.stages={bad}"])
+
+
 def test_int_accepted_for_float_but_not_bool(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text("train:\n  lr: 1\n")

@@ -136,7 +136,7 @@ def test_tensorboard_events_readable(reference):
         "train/loss",
         "train/lr",
         "train/grad_norm",
-        "train/tokens_per_s",
+        "train/answer_tokens_per_s",
         "stage/new_acc",
         "stage/kgr",
         "stage/retain",

@@ -133,6 +133,23 @@ def test_grad_accum_updates_once_per_global_batch():
         torch.testing.assert_close(final[2][1][name], w, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_training_steps_log_cleanly(caplog):
+    """ZeRO-3 reduce-scatters gradients every step; DeepSpeed's default path calls torch's deprecated
+    ``reduce_scatter_tensor`` (a FutureWarning each time), msl_ds.distributed points it elsewhere.
+    The step line prints ``MFU -`` where no peak FLOP/s is known (a CPU), never ``nan%``."""
+    import warnings
+
+    engine, cfg = tiny_engine("train.micro_batch_size=4", "monitor.peak_tflops=0")
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(engine, cfg).run()
+    D.destroy_engine(engine)
+    assert not [str(w.message) for w in seen if "reduce_scatter" in str(w.message)]
+    lines = [r.getMessage() for r in caplog.records if " · train · step " in r.getMessage()]
+    assert len(lines) == STEPS and all("MFU - ·" in line and "nan" not in line for line in lines), lines
+
+
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_nonfinite_step_stops_naming_stage_and_step(kind):
     engine, cfg = tiny_engine("train.micro_batch_size=4", "train.save_every_steps=1")

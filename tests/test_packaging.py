@@ -52,5 +52,10 @@ def test_wheel_installs_commands_and_configs(tiny_world, tiny_base, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "check passed" in proc.stdout and os.path.join("ds_configs", "run_cpu_tiny.yaml") in proc.stdout
-    for cmd in ("msl-make-world", "msl-compare", "msl-make-base"):
+    for cmd in ("msl-make-world", "msl-compare", "msl-make-base", "msl-import-model"):
         assert (env_dir / "bin" / cmd).is_file(), cmd
+    # msl_ds.models (a sub-package) travels in the wheel
+    proc = subprocess.run(
+        [str(env_dir / "bin" / "msl-import-model"), "--help"], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "GGUF" in proc.stdout, proc.stdout + proc.stderr
