@@ -64,14 +64,19 @@ def setup_model(tmp: Path, a: argparse.Namespace, n_rows: int) -> tuple[list[Exa
     """Rank 0 writes the model (``bench_model.py``); every rank builds the same rows."""
     s = sizes(a)
     s["positions"] = max(s["positions"], a.seq)
-    if D.is_rank0():
+    if D.is_rank0() and not a.model_dir:
         write_model(tmp / "model", s, dtype="bf16" if a.dtype == "bf16" else "fp32")
     D.barrier()
-    tok = load_tokenizer(tmp / "model")
-    if s["vocab"] == 0:  # the tiny world's rows, as the first version of this bench measured
+    tok = load_tokenizer(model_path(tmp, a))
+    if s["vocab"] == 0 and not a.model_dir:  # the tiny world's rows, as the first version of this bench measured
         rows = generate_world("tiny", seed=0).stages[0]["train"]
         return encode_rows(tok, rows, a.seq, "truncate", "tiny/stage_00"), tok
     return random_rows(n_rows, a.seq, len(tok)), tok
+
+
+def model_path(tmp: Path, a: argparse.Namespace) -> Path:
+    """``--model-dir`` when given (a ``bench_model.py`` directory), else the one written into ``tmp``."""
+    return Path(a.model_dir) if a.model_dir else tmp / "model"
 
 
 def random_rows(n: int, length: int, vocab: int, seed: int = 0) -> list[Example]:
@@ -278,6 +283,7 @@ def main() -> None:
     p.add_argument("--no-trainer", action="store_true", help="skip transformers.Trainer")
     p.add_argument("--max-micro", action="store_true", help="estimate each variant's largest micro-batch (CUDA)")
     p.add_argument("--json", default=None, help="also write the results here (rank 0)")
+    p.add_argument("--model-dir", default=None, help="a bench_model.py directory to use (its sizes: pass them too)")
     p.add_argument(
         "--set",
         nargs="*",
@@ -304,9 +310,9 @@ def main() -> None:
     results = {}
     for v in a.variants:
         vcfg = load_config(CONFIG, base + (variant_overrides(v) if v else []))
-        results[f"msl_ds {v}".strip()] = run_msl(vcfg, ds, tmp / "model", examples, a)
+        results[f"msl_ds {v}".strip()] = run_msl(vcfg, ds, model_path(tmp, a), examples, a)
     if not a.no_trainer:
-        results["transformers.Trainer"] = run_hf_trainer(cfg, ds, tmp / "model", tok, examples, a, tmp / "hf")
+        results["transformers.Trainer"] = run_hf_trainer(cfg, ds, model_path(tmp, a), tok, examples, a, tmp / "hf")
     if D.is_rank0():
         report(results, a, s, seq, cfg)
         shutil.rmtree(tmp, ignore_errors=True)
