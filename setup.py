@@ -28,7 +28,9 @@ setup(
     install_requires=[
         "torch>=2.13",
         "numpy>=2.4",
-        "deepspeed>=0.19",
+        # hpZ fixes: stale secondary copy after a model or checkpoint load (#7707, in 0.18.3), small
+        # parameters' secondary shard (#8210, in 0.19.5); 0.19.8 is the version the suite ran with
+        "deepspeed>=0.19.8",
         "transformers>=5.25",
         "tokenizers>=0.23",
         "datasets>=5.2",

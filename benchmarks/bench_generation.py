@@ -2,7 +2,7 @@
 
     make base   # the default world and base model
     deepspeed --num_gpus 2 benchmarks/bench_generation.py [--model artifacts/base_default]
-        [--data data/world_default] [--stage 1] [--repeats 1]
+        [--data data/world_default] [--stage 1] [--repeats 1] [--set model.dtype=bf16] [--json out.json]
 
 Runs the whole augmentation phase of one stage (the model's own answers, backgrounds,
 paraphrases and expansions, and its answers to every rewrite: exactly the jobs of
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,9 +54,11 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / "data" / "world_default"))
     p.add_argument("--stage", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides (model.dtype=bf16)")
+    p.add_argument("--json", default=None, help="also write the results here (rank 0)")
     p.add_argument("--local_rank", type=int, default=None)
     a = p.parse_args()
-    cfg = load_config(a.config, [f"model.path={a.model}", f"data.dir={a.data}", "monitor.tensorboard=false"])
+    cfg = load_config(a.config, [f"model.path={a.model}", f"data.dir={a.data}", "monitor.tensorboard=false", *a.set])
     D.init(cfg.deepspeed.backend, cfg.deepspeed.timeout_s, cfg.deepspeed.threads_per_rank)
     set_progress(False)
     ds = load_deepspeed_config(cfg, D.world_size())
@@ -88,6 +91,9 @@ def main() -> None:
         base = results["synced"][0]
         for mode, (sec, tokens) in results.items():
             print(f"| {mode} | {sec:.2f} | {tokens} | {tokens / sec:.0f} | {base / sec:.2f}x |")
+        if a.json:
+            rates = {m: {"seconds": sec, "tokens": t, "tokens_per_s": t / sec} for m, (sec, t) in results.items()}
+            Path(a.json).write_text(json.dumps({"world": D.world_size(), "identical": same, "modes": rates}, indent=1))
     D.destroy_engine(engine)
     D.shutdown()
     if not same:

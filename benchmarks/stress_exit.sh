@@ -49,7 +49,7 @@ stress() {
   TOTAL=$((TOTAL + fails))
 }
 
-zero3() { "$BIN/python" tests/scripts/zero3_fused_lm_head.py; }
+zero3() { "$BIN/python" tests/scripts/zero3_fused_head.py; }
 train() {
   rm -rf "$WORK/run.$1"
   "$BIN/deepspeed" --num_gpus 2 --master_port "$(port)" launch/train.py "$CONFIG" "data.dir=$WORLD" \

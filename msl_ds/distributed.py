@@ -421,8 +421,44 @@ def missing_everywhere(path: str | os.PathLike) -> list[int]:
 def zero_init(ds_config: dict[str, Any]):
     """Context under which a model is built already partitioned (ZeRO-3), else a no-op."""
     if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
-        return _deepspeed().zero.Init(config_dict_or_path=ds_config)
+        stack = contextlib.ExitStack()
+        stack.enter_context(reuse_hpz_group())
+        stack.enter_context(_deepspeed().zero.Init(config_dict_or_path=ds_config))
+        return stack
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def reuse_hpz_group() -> Iterator[None]:
+    """Let a second ZeRO-3 model in this process share hpZ's secondary process groups.
+
+    With ``zero_hpz_partition_size`` > 1, every ``deepspeed.zero.Init`` built from a config
+    creates the hpZ groups and asserts that none exist yet ("ZeRO parameter intra parallel group
+    is already initialized", DeepSpeed #4901, open; DeepSpeed's engine and optimizer reuse the
+    groups, only ``Init`` does not). msl_ds builds one engine per stage (and one for the base
+    model) in the same process, so without this the second stage would stop there. Inside this
+    context an existing group of the same size is reused (the groups depend on nothing but the
+    world size and the partition size); a different size is an error.
+    """
+    groups = _deepspeed().utils.groups
+    create = groups._create_zero_param_parallel_group
+
+    def create_once(group_size: int) -> None:
+        if groups._get_zero_param_intra_parallel_group() is None:
+            create(group_size)
+            return
+        have = groups._get_zero_param_intra_parallel_group_world_size()
+        if have != min(group_size, dist.get_world_size()):
+            raise RuntimeError(
+                f"zero_hpz_partition_size={group_size}, but this process already runs hpZ groups of {have} ranks; "
+                f"every engine of a run must use the same zero_hpz_partition_size"
+            )
+
+    groups._create_zero_param_parallel_group = create_once
+    try:
+        yield
+    finally:
+        groups._create_zero_param_parallel_group = create
 
 
 def hf_deepspeed_config(ds_config: dict[str, Any]):

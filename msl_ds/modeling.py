@@ -8,6 +8,7 @@ can be downloaded on the machines this project targets.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
@@ -139,13 +140,14 @@ def load_model(
     pad = config.pad_token_id
     config.pad_token_id = None
     keep_alive = D.hf_deepspeed_config(ds_config) if _zero3(ds_config) else None  # noqa: F841
-    model = AutoModelForCausalLM.from_pretrained(
-        str(p),
-        config=config,
-        dtype=DTYPES[dtype],
-        trust_remote_code=trust_remote_code,
-        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
-    )
+    with D.reuse_hpz_group() if _zero3(ds_config) else contextlib.nullcontext():  # one engine per stage
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p),
+            config=config,
+            dtype=DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+        )
     del keep_alive
     model.config.use_cache = True
     return model, pad

@@ -59,7 +59,17 @@ def leaked_shm(cmd: list[str]) -> list[str]:
 
 
 def deepspeed_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+    """The DeepSpeed launcher as a module of this interpreter: the same as the ``deepspeed`` script,
+    and it also works where DeepSpeed was installed without one on PATH (``pip --target``)."""
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+
+
+def too_few_gpus(nproc: int = 2) -> bool:
+    """On a CUDA box each rank binds the GPU of its local rank: fewer GPUs than ranks cannot run."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() < nproc
 
 
 @pytest.fixture(scope="session")

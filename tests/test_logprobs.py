@@ -82,11 +82,110 @@ def test_fused_head_is_plain_outside_a_call():
         assert answer(ids, attn, labels)[0].shape == (3,)
 
 
-def test_auto_picks_logits_on_cpu_and_refuses_transformed_logits():
+def scaled_head_llama(multiplier=2.0):
+    """A tiny Llama whose forward multiplies the lm-head's output (Falcon-H1's ``lm_head_multiplier``)."""
+    from transformers import LlamaForCausalLM
+
+    class ScaledHeadLlama(LlamaForCausalLM):
+        def forward(self, *args, **kw):
+            out = super().forward(*args, **kw)
+            out.logits = out.logits * multiplier
+            return out
+
+    plain = tiny_llama()
+    model = ScaledHeadLlama(plain.config)
+    model.load_state_dict(plain.state_dict())
+    return model
+
+
+def packed_batch(V=97):
+    from msl_ds.data import Example
+    from msl_ds.packing import collate_packed
+
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for n in (7, 12, 5):
+        ids = torch.randint(1, V, (n,), generator=g).tolist()
+        rows.append(Example(input_ids=ids, labels=[-100] * (n // 2) + ids[n // 2 :], row={}))
+    b = collate_packed(rows)
+    return b["input_ids"], b["position_ids"], b["labels"], b["row_index"], len(rows)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_first_batch_check_refuses_a_head_that_scales_its_logits(packed):
+    model = scaled_head_llama()
+    answer = AnswerLogprobs(Plain(model), "fused_linear")
+    with pytest.raises(LogprobsError, match=r"train.logprobs=fused_linear: .*differ from its lm-head's output.*"
+                       r"use train.logprobs=logits"):  # fmt: skip
+        answer.packed(*packed_batch()) if packed else answer(*batch())
+    assert model.training  # the check ran in eval mode and put the model back
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_first_batch_check_passes_a_plain_head_once(packed, caplog):
+    model = tiny_llama()
+    answer = AnswerLogprobs(Plain(model), "fused_linear")
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    with caplog.at_level("INFO", logger="msl_ds.logprobs"):
+        for _ in range(2):
+            answer.packed(*packed_batch()) if packed else answer(*batch())
+    assert "agrees with the logits path on the first batch" in caplog.text
+    assert len(calls) == 2 + 2  # the check's two forwards, on the first call only
+    assert answer.mode == "fused_linear"
+
+
+def test_auto_falls_back_to_logits_with_a_warning(monkeypatch, caplog):
+    """``auto`` on CUDA takes the fused path; a failed first-batch check switches it to logits."""
+    import msl_ds.logprobs as L
+
+    real = L.resolve_mode
+    monkeypatch.setattr(L, "resolve_mode", lambda mode, model, device: real(mode, model, torch.device("cuda")))
+    model = scaled_head_llama()
+    answer = AnswerLogprobs(Plain(model), "auto")
+    assert answer.mode == "fused_linear"
+    ids, attn, labels = batch()
+    with caplog.at_level("WARNING", logger="msl_ds.logprobs"):
+        lp, _ = answer(ids, attn, labels)
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert answer.mode == "logits" and len(warned) == 1
+    assert "falling back to the logits path (train.logprobs=logits)" in warned[0].getMessage()
+    with torch.no_grad():
+        ref, _ = AnswerLogprobs(Plain(model), "logits")(ids, attn, labels)
+    torch.testing.assert_close(lp.detach(), ref)  # the scaled model's own log-probs
+
+
+def test_resolve_mode(caplog):
     model = tiny_llama()
     assert resolve_mode("auto", model, torch.device("cpu")) == "logits"
     assert resolve_mode("auto", model, torch.device("cuda")) == "fused_linear"
-    model.config.final_logit_softcapping = 30.0
-    assert resolve_mode("auto", model, torch.device("cuda")) == "logits"
-    with pytest.raises(LogprobsError, match="final_logit_softcapping=30.0"):
+    assert resolve_mode("fused_linear", model, torch.device("cpu")) == "fused_linear"
+    model.config.final_logit_softcapping = 30.0  # no config denylist: the first-batch check decides
+    assert resolve_mode("auto", model, torch.device("cuda")) == "fused_linear"
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # no nn.Linear head to replace
+    with caplog.at_level("WARNING", logger="msl_ds.logprobs"):
+        assert resolve_mode("auto", model, torch.device("cuda")) == "logits"
+    assert "train.logprobs=auto" in caplog.text and "falling back" in caplog.text
+    with pytest.raises(LogprobsError, match="no nn.Linear output embedding.*use train.logprobs=logits"):
         resolve_mode("fused_linear", model, torch.device("cpu"))
+    with pytest.raises(LogprobsError, match="not one of"):
+        resolve_mode("fast", model, torch.device("cpu"))
+
+
+def test_missing_triton_on_cuda_is_a_warning(monkeypatch, caplog):
+    """Without triton, CUDA tensors take the torch kernels: said once, at WARNING."""
+    import types
+
+    import msl_ds.kernels as K
+
+    monkeypatch.setattr(K, "triton_available", lambda: False)
+    monkeypatch.setattr(K, "_warned_no_triton", [])
+    cuda_like = types.SimpleNamespace(is_cuda=True)  # resolve_backend reads only .is_cuda
+    with caplog.at_level("WARNING", logger="msl_ds.kernels"):
+        assert K.resolve_backend(cuda_like) == "torch"
+        assert K.resolve_backend(cuda_like) == "torch"
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "triton is not importable" in warned[0].getMessage()
+    caplog.clear()
+    assert K.resolve_backend(torch.zeros(1)) == "torch"  # a CPU tensor: the torch path is the plan
+    assert not caplog.records

@@ -22,6 +22,8 @@ lm-head weight and never materialises the logits.
 
 from __future__ import annotations
 
+import logging
+
 from torch import Tensor
 
 from .chunked import chunked_sequence_logprobs, naive_sequence_logprobs
@@ -39,6 +41,18 @@ from .losses import (
 from .triton_logprob import interpret_mode, triton_available
 
 _BACKENDS = ("auto", "torch", "triton")
+log = logging.getLogger(__name__)
+_warned_no_triton: list[bool] = []
+
+
+def _warn_no_triton() -> None:
+    """Say once per process that CUDA tensors take the (several times slower) torch kernels."""
+    if not _warned_no_triton:
+        _warned_no_triton.append(True)
+        log.warning(
+            "triton is not importable: the log-prob kernels run their torch backend on CUDA tensors, several "
+            "times slower than the Triton kernels (install msl_ds[triton])"
+        )
 
 
 def resolve_backend(logits: Tensor, backend: str = "auto") -> str:
@@ -46,6 +60,8 @@ def resolve_backend(logits: Tensor, backend: str = "auto") -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if logits.is_cuda and not triton_available():
+            _warn_no_triton()
         return "triton" if (logits.is_cuda and triton_available()) else "torch"
     if backend == "triton":
         if not triton_available():

@@ -24,12 +24,12 @@ backward one pass turns the recomputed block into ``dz`` in place.  The fp32 gra
 accumulators are added to by the matmul itself (``addmm(..., out_dtype=float32)``) where
 the installed PyTorch offers it.
 
-:class:`FusedLMHeadLogprobs` wraps an ``nn.Linear`` lm-head.  It owns the linear as a
-submodule and reads ``self.lm_head.weight`` inside its own ``forward``; under DeepSpeed
-ZeRO-3 the weight is registered as an *external parameter* of the wrapper, so ZeRO-3's
-pre-forward / pre-backward hooks of the wrapper gather the partitioned weight and the
-gradient produced here lands in ``weight.grad`` through the normal AccumulateGrad hooks
-(exactly as for ``nn.Linear``).
+:class:`FusedLMHeadLogprobs` holds an ``nn.Linear`` lm-head and computes the log-probs from
+its weight (and bias).  It is not a module of the model: ``msl_ds.logprobs.install_fused_head``
+calls it from inside the lm-head's own forward, so under DeepSpeed ZeRO-3 the lm-head's ordinary
+pre-forward / pre-backward hooks have gathered the weight when it runs, and the weight gradient
+returned here reaches the partition through the usual AccumulateGrad hooks, exactly as for the
+plain ``nn.Linear`` (tests/scripts/zero3_fused_head.py checks the full gradients on 2 ranks).
 """
 
 from __future__ import annotations
@@ -301,17 +301,11 @@ def fused_linear_sequence_logprobs(
 
 
 class FusedLMHeadLogprobs(nn.Module):
-    """``nn.Module`` wrapper: ``forward(hidden, targets, mask) -> (logps, n_tokens)``.
+    """``forward(hidden, targets, mask) -> (logps, n_tokens)`` from ``lm_head``'s weight and bias.
 
-    ``lm_head`` is registered as a submodule (so state-dict names and weight tying are
-    unchanged) but its ``forward`` is never called; the weight is read inside this
-    module's ``forward``.  Under DeepSpeed ZeRO-3 the weight (and bias) are registered as
-    external parameters of this module, so ZeRO-3 gathers them before this module's
-    forward and backward and releases them afterwards; the full weight gradient is
-    delivered to ``lm_head.weight`` through the usual gradient hooks.  (If the model was
-    built outside ``deepspeed.zero.Init``, DeepSpeed's parameter-access hook registers
-    the weight on first use instead; :meth:`register_zero3_external` can also be called
-    explicitly after ``deepspeed.initialize``.)
+    ``lm_head`` is only read, never called: the caller (``msl_ds.logprobs.install_fused_head``)
+    runs this inside ``lm_head.forward``, where ZeRO-3 has gathered the weight already; called
+    anywhere else under ZeRO-3, the weight would be a partition and the kernel refuses its shape.
     """
 
     def __init__(
@@ -331,18 +325,6 @@ class FusedLMHeadLogprobs(nn.Module):
         self.chunk_vocab = chunk_vocab
         self.backend = backend
         self.keep_blocks = keep_blocks
-        self.register_zero3_external()
-
-    def register_zero3_external(self) -> None:
-        """Register lm_head's params as ZeRO-3 external params of this module (no-op otherwise)."""
-        params = [p for p in (self.lm_head.weight, getattr(self.lm_head, "bias", None)) if p is not None]
-        if not any(hasattr(p, "ds_id") for p in params):
-            return
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-        for p in params:
-            if hasattr(p, "ds_id"):
-                register_external_parameter(self, p)
 
     def forward(self, hidden: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         weight = self.lm_head.weight
