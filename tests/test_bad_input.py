@@ -215,6 +215,8 @@ def test_model_without_chat_template_refused_before_training(tmp_path, tok):
     args = [str(TINY_CONFIG), f"data.dir={tmp_path / 'world'}", f"run.output_dir={out}", f"model.path={model}"]
     proc = run(deepspeed_cmd("launch/train.py", *args), timeout=300, check=False)
     assert proc.returncode != 0
-    assert proc.stderr.count(f"msl_ds: error: model.path: the tokenizer in {model} has no chat template") == 2
+    # each rank refuses on its own, but the DeepSpeed launcher kills the other rank as soon as the
+    # first exits non-zero: under load the slower rank may die before it prints (seen on 2 busy cores)
+    assert 1 <= proc.stderr.count(f"msl_ds: error: model.path: the tokenizer in {model} has no chat template") <= 2
     assert "Set model.chat_template to a Jinja template" in proc.stderr
     assert not out.exists()
