@@ -37,9 +37,9 @@ def padded_tokens(groups: Sequence[Example], packed: bool = False) -> int:
     return len(rows) * max((len(r.input_ids) for r in rows), default=0)
 
 
-def longest_row(group: Example) -> int:
-    rows, _, _ = flatten([group])
-    return max(len(r.input_ids) for r in rows)
+def row_lengths(group: Example) -> list[int]:
+    """The token length of each row of ``group`` (gold first, then its candidates)."""
+    return [len(r.input_ids) for r in group.rows()]
 
 
 def deal(batch: list[int], world: int, examples: Sequence[Example], packed: bool = False) -> list[list[int]]:
@@ -55,15 +55,20 @@ def deal(batch: list[int], world: int, examples: Sequence[Example], packed: bool
 
 def fill(groups: list[int], examples: Sequence[Example], budget: int, packed: bool = False) -> list[list[int]]:
     """``groups`` (example indices) sorted by their longest row, taken into forwards of at most
-    ``budget`` padded tokens (a group above it alone)."""
-    order = sorted(groups, key=lambda i: (-longest_row(examples[i]), i))
+    ``budget`` padded tokens (:func:`padded_tokens`; a group above it alone)."""
+    lengths = {i: row_lengths(examples[i]) for i in groups}
+    order = sorted(groups, key=lambda i: (-max(lengths[i]), i))
     parts: list[list[int]] = []
     cur: list[int] = []
+    rows = longest = total = 0
     for i in order:
-        if cur and padded_tokens([examples[j] for j in [*cur, i]], packed) > budget:
+        n, top, s = len(lengths[i]), max(lengths[i]), sum(lengths[i])
+        size = total + s if packed else (rows + n) * max(longest, top)
+        if cur and size > budget:
             parts.append(cur)
-            cur = []
+            cur, rows, longest, total = [], 0, 0, 0
         cur.append(i)
+        rows, longest, total = rows + n, max(longest, top), total + s
     if cur:
         parts.append(cur)
     return parts
