@@ -165,7 +165,7 @@ class Checkpoints:
             f"  2. delete {self.root} to restart stage {self.stage} from the previous stage's export on "
             f"{D.world_size()} ranks (its steps so far are lost), or\n"
             f"  3. convert it to a DeepSpeed universal checkpoint, which loads on any number of ranks, and "
-            f"relaunch with {keep}train.global_batch_size):\n"
+            f"relaunch with {keep}train.global_batch_size keeps it on any number of ranks):\n"
             f"     python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt} "
             f"--output_folder {ckpt}_universal"
         )
