@@ -271,3 +271,17 @@ def test_bf16_engine_accumulates_and_reduces_in_the_configured_dtype(overrides, 
         assert math.isfinite(t.run()["train_loss"])  # and it trains
     finally:
         D.destroy_engine(engine)
+
+
+def test_bf16_zero2_engine_accumulates_in_fp32():
+    """zero2.json takes the same keys: DeepSpeed's ZeRO-2 optimizer accumulates in fp32 too."""
+    engine, cfg = tiny_engine("model.dtype=bf16", "deepspeed.config=zero2.json")
+    try:
+        assert engine.zero_optimization_stage() == 2
+        assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+        assert engine.communication_data_type == torch.float32
+        assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+        t = StageTrainer(engine, cfg.train, examples(), [list(range(8))], 0, 1, Monitor("", enabled=False), print)
+        assert math.isfinite(t.run()["train_loss"])
+    finally:
+        D.destroy_engine(engine)
