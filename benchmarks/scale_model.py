@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/scale_model.py                       # 8B and 70B on 8, 16, 64 H100-80GB
-    python benchmarks/scale_model.py --gpus 8 16 --facts 20000 --markdown
+    python benchmarks/scale_model.py --gpus 8 16 --facts 20000
     python benchmarks/scale_model.py --comm --gpus 16      # communication per forward / per step, hpZ on and off
     python benchmarks/scale_model.py --set train.global_batch_size=512   # any run-config override
     python benchmarks/scale_model.py --calibrate            # also print the CPU calibration (see below)
