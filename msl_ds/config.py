@@ -65,12 +65,15 @@ class DeepSpeedSection:
     backend: Literal["auto", "gloo", "nccl", "mpi"] = "auto"
     timeout_s: int = 1800
     threads_per_rank: int = 0
+    grad_accum_dtype: Literal["fp32", "model"] = "fp32"
+    communication_data_type: Literal["fp32", "model"] = "fp32"
 
 
 @dataclass
 class TrainSection:
     micro_batch_size: int = 8
     grad_accum: int = 1
+    global_batch_size: int = 0
     epochs: int = 8
     max_steps: int = 0
     lr: float = 5e-4
@@ -501,6 +504,15 @@ def validate(cfg: RunConfig) -> None:
     for name in ("micro_batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"{cfg.source}: train.{name} must be >= 1")
+    if t.global_batch_size < 0:
+        raise ConfigError(
+            f"{cfg.source}: train.global_batch_size must be >= 0 (0 = micro_batch_size x grad_accum x ranks)"
+        )
+    if t.global_batch_size and t.grad_accum != 1:
+        raise ConfigError(
+            f"{cfg.source}: train.grad_accum={t.grad_accum} with train.global_batch_size={t.global_batch_size}: the "
+            f"accumulation is derived from the global batch; remove train.grad_accum (or set train.global_batch_size=0)"
+        )
     if t.max_tokens_per_micro_batch < 0:
         raise ConfigError(f"{cfg.source}: train.max_tokens_per_micro_batch must be >= 0 (0 = no token budget)")
     if t.epochs < 1 and t.max_steps < 1:
@@ -580,6 +592,44 @@ def resolve_path(name: str, relative_to: str | Path | None = None) -> Path:
     return CONFIG_DIR / p
 
 
+@dataclass(frozen=True)
+class BatchShape:
+    """How one optimizer step's groups are laid out on ``world`` ranks (:func:`batch_shape`)."""
+
+    groups: int  # groups per optimizer step, all ranks together (DeepSpeed's train_batch_size)
+    per_rank: int  # groups per rank per step
+    micro: int  # DeepSpeed's train_micro_batch_size_per_gpu
+    accum: int  # DeepSpeed's gradient_accumulation_steps: the divisor it applies to every backward's loss
+    budget: int  # train.max_tokens_per_micro_batch: > 0, forwards are filled up to it (msl_ds.batching)
+
+
+def batch_shape(t: "TrainSection", world: int, where: str = "run config") -> BatchShape:
+    """The step layout of a ``train`` section on ``world`` ranks.
+
+    Groups per step: ``train.global_batch_size``, or when it is 0 (the former rule, kept)
+    ``micro_batch_size x grad_accum x world``. Without a token budget a forward is
+    ``micro_batch_size`` groups and the accumulation is derived: groups per rank / micro. With one,
+    msl_ds fills each forward up to the budget itself, so DeepSpeed sees one micro-batch of all of
+    a rank's groups (accumulation 1) and ``micro_batch_size`` plays no part beyond the 0 rule.
+    """
+    g = t.global_batch_size or t.micro_batch_size * t.grad_accum * world
+    if g % world:
+        raise ConfigError(
+            f"{where}: train.global_batch_size={g} does not divide over {world} ranks; set it to a multiple of {world}"
+        )
+    per = g // world
+    if t.max_tokens_per_micro_batch > 0:
+        return BatchShape(g, per, per, 1, t.max_tokens_per_micro_batch)
+    if per % t.micro_batch_size:
+        raise ConfigError(
+            f"{where}: train.global_batch_size={g} gives {per} groups per rank on {world} ranks, which "
+            f"train.micro_batch_size={t.micro_batch_size} does not divide into accumulation steps; set "
+            f"train.global_batch_size to a multiple of {t.micro_batch_size * world} (micro_batch_size x ranks), "
+            f"or a token budget (train.max_tokens_per_micro_batch)"
+        )
+    return BatchShape(g, per, t.micro_batch_size, per // t.micro_batch_size, 0)
+
+
 def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """Read the DeepSpeed JSON named by the run config and fill in the batch arithmetic.
 
@@ -598,14 +648,13 @@ def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a JSON object")
     ds.pop("_comment", None)
     t = cfg.train
+    shape = batch_shape(t, world_size, cfg.source)
     _check_batch_split(ds, cfg, world_size, f"{path}:{_json_line(text, 'train_batch_size')}")
+    why = f"{_batch_rule(t, world_size)} = {shape.groups} groups per step"
     wanted = {
-        "train_micro_batch_size_per_gpu": (t.micro_batch_size, f"train.micro_batch_size={t.micro_batch_size}"),
-        "gradient_accumulation_steps": (t.grad_accum, f"train.grad_accum={t.grad_accum}"),
-        "train_batch_size": (
-            t.micro_batch_size * t.grad_accum * world_size,
-            f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x world size {world_size}",
-        ),
+        "train_micro_batch_size_per_gpu": (shape.micro, f"{why}, {shape.micro} per rank per micro-batch"),
+        "gradient_accumulation_steps": (shape.accum, f"{why}, {shape.accum} micro-batches per rank"),
+        "train_batch_size": (shape.groups, why),
         "gradient_clipping": (t.grad_clip, f"train.grad_clip={t.grad_clip}"),
     }
     for key, (value, because) in wanted.items():
@@ -623,6 +672,7 @@ def load_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                 f"{cfg.source} sets model.dtype={cfg.model.dtype}; remove it from the DeepSpeed file or set it "
                 f'to "auto"'
             )
+    _precision(ds, cfg, path, text)
     _adopt_hf_blocks(ds, cfg, path, text)
     _fill_zero_auto(ds, _hidden_size(cfg.model.path))
     dtype = cfg.model.dtype
@@ -710,12 +760,25 @@ def _json_line(text: str, key: str) -> int:
     return 1
 
 
+def _batch_rule(t: "TrainSection", world_size: int) -> str:
+    """Where the global batch comes from, in the run config's words."""
+    if t.global_batch_size:
+        return f"train.global_batch_size={t.global_batch_size}"
+    return f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x world size {world_size}"
+
+
 def _check_batch_split(ds: dict[str, Any], cfg: RunConfig, world_size: int, where: str) -> None:
     """A DeepSpeed file that fixes ``train_batch_size`` must suit this world size and run config."""
     fixed = ds.get("train_batch_size", "auto")
     t = cfg.train
-    if fixed == "auto" or fixed == t.micro_batch_size * t.grad_accum * world_size:
+    groups = batch_shape(t, world_size, cfg.source).groups
+    if fixed == "auto" or fixed == groups:
         return
+    if t.global_batch_size:
+        raise ConfigError(
+            f"{where}: 'train_batch_size' is {fixed} but the run config {cfg.source} sets "
+            f'train.global_batch_size={groups}; set train.global_batch_size={fixed}, or set it to "auto" here'
+        )
     per_pass = t.micro_batch_size * world_size
     if not isinstance(fixed, int) or isinstance(fixed, bool) or fixed % per_pass:
         raise ConfigError(
@@ -726,10 +789,38 @@ def _check_batch_split(ds: dict[str, Any], cfg: RunConfig, world_size: int, wher
         )
     raise ConfigError(
         f"{where}: 'train_batch_size' is {fixed} but the run config {cfg.source} implies "
-        f"{t.micro_batch_size * t.grad_accum * world_size} (train.micro_batch_size={t.micro_batch_size} x "
-        f"train.grad_accum={t.grad_accum} x world size {world_size}); set train.grad_accum={fixed // per_pass} "
-        f'to keep {fixed} rows per step on {world_size} ranks, or set it to "auto"'
+        f"{groups} ({_batch_rule(t, world_size)}); set train.grad_accum={fixed // per_pass} to keep {fixed} rows per step on "
+        f'{world_size} ranks (or train.global_batch_size={fixed}: any world size), or set it to "auto"'
     )
+
+
+# the spellings DeepSpeed accepts for a dtype (its DtypeEnum), by the run config's name
+DTYPE_ALIASES = {
+    "fp32": ("fp32", "float32", "float"),
+    "bf16": ("bf16", "bfloat16"),
+    "fp16": ("fp16", "float16", "half"),
+}
+
+
+def _precision(ds: dict[str, Any], cfg: RunConfig, path: Path, text: str) -> None:
+    """Gradient accumulation and reduction dtypes (``deepspeed.grad_accum_dtype``,
+    ``deepspeed.communication_data_type``): fp32 by default, so a bf16 run adds its forwards'
+    gradients and reduce-scatters them across ranks in fp32 (DeepSpeed's own default is the
+    model's dtype, which ``model`` keeps). A DeepSpeed file that fixes another value is refused."""
+    d = cfg.deepspeed
+    for section, key in (("data_types", "grad_accum_dtype"), (None, "communication_data_type")):
+        value = "fp32" if getattr(d, key) == "fp32" else cfg.model.dtype
+        holder = ds.setdefault(section, {}) if section else ds
+        if not isinstance(holder, dict):
+            raise ConfigError(f"{path}:{_json_line(text, section)}: '{section}' must be a JSON object")
+        have = holder.get(key, "auto")
+        if have not in ("auto", None) and str(have).lower() not in DTYPE_ALIASES[value]:
+            raise ConfigError(
+                f"{path}:{_json_line(text, key)}: '{f'{section}.' if section else ''}{key}' is {have!r} but the run "
+                f"config {cfg.source} implies {value!r} (deepspeed.{key}={getattr(d, key)}, model.dtype="
+                f'{cfg.model.dtype}); remove it from the DeepSpeed file or set it to "auto"'
+            )
+        holder[key] = value
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from msl_ds.chat import TemplateError, encode_turn
+from msl_ds.config import batch_shape
 from msl_ds.datafiles import ROWS, DataError, DataSource, find_file, read_records, to_row
 from msl_ds.facts import WorldState, fact_key, has_identity
 from msl_ds.kernels import ROLE_CONFLICT, ROLE_GOLD, ROLE_IGNORE
@@ -305,11 +306,12 @@ def batch_plan(
 
 
 def stage_plan(examples: list["Example"], train, world: int, seed: int) -> list[list[int]]:
-    """The batch plan for ``examples`` under a ``train`` config section."""
+    """The batch plan for ``examples`` under a ``train`` config section: steps of
+    ``batch_shape(train, world).groups`` groups (with ``train.global_batch_size`` the same plan on
+    any number of ranks)."""
     lengths = [len(e.input_ids) for e in examples] if train.group_by_length else None
-    return batch_plan(
-        len(examples), train.micro_batch_size, train.grad_accum, world, train.epochs, train.max_steps, seed, lengths
-    )
+    groups = batch_shape(train, world).groups  # the plan depends on the step's size only
+    return batch_plan(len(examples), groups, 1, 1, train.epochs, train.max_steps, seed, lengths)
 
 
 def micro_batches(global_batch: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:

@@ -133,8 +133,7 @@ class Checkpoints:
         if want is not None and have is not None and want != have:
             raise CheckpointWorldSizeError(
                 f"{universal}: stage {self.stage} was planned with {want} rows per optimizer step, but this run "
-                f"has {have} (train.micro_batch_size x train.grad_accum x {D.world_size()} ranks); set "
-                f"train.grad_accum (or train.micro_batch_size) so that the product is {want} again"
+                f"has {have}; set train.global_batch_size={want} (the same on any number of ranks)"
             )
         return D.load_checkpoint(engine, str(self.root), universal.name, universal=True)
 
@@ -166,7 +165,7 @@ class Checkpoints:
             f"  2. delete {self.root} to restart stage {self.stage} from the previous stage's export on "
             f"{D.world_size()} ranks (its steps so far are lost), or\n"
             f"  3. convert it to a DeepSpeed universal checkpoint, which loads on any number of ranks, and "
-            f"relaunch with {keep}train.micro_batch_size x train.grad_accum x ranks):\n"
+            f"relaunch with {keep}train.global_batch_size keeps it on any number of ranks):\n"
             f"     python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt} "
             f"--output_folder {ckpt}_universal"
         )

@@ -2,9 +2,9 @@
 
 A fingerprint holds the method, every config key that changes what is trained or measured, the
 checksums of the data files (``data.dir``), of the model files (``model.path``) and of the
-DeepSpeed JSON, and the global batch (``train.micro_batch_size`` x ``train.grad_accum`` x ranks:
-only the product changes training, so a resume on another rank count with the same global batch
-matches). A resume whose fingerprint differs is refused, naming the keys, unless
+DeepSpeed JSON, and the global batch (groups per optimizer step, ``config.batch_shape``: how it is
+split into forwards and ranks does not change training, so a resume on another rank count with
+the same global batch matches). A resume whose fingerprint differs is refused, naming the keys, unless
 ``run.resume=force``; ``run.resume=false`` on a directory that already holds a run is refused.
 """
 
@@ -14,7 +14,7 @@ import fnmatch
 from pathlib import Path
 from typing import Any
 
-from msl_ds.config import RunConfig, resolve_path
+from msl_ds.config import RunConfig, batch_shape, resolve_path
 from msl_ds.io import read_json, sha256
 
 FILE = "fingerprint.json"
@@ -30,7 +30,7 @@ EXCLUDED = (
     "deepspeed.backend",
     "deepspeed.timeout_s",
     "deepspeed.threads_per_rank",
-    "train.micro_batch_size",  # train.global_batch_size counts
+    "train.micro_batch_size",  # train.global_batch_size (the resolved one) counts
     "train.grad_accum",
     "train.save_every_steps",
     "train.log_every_steps",
@@ -61,8 +61,7 @@ def _files(root: str | Path, label: str) -> dict[str, str]:
 def fingerprint(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The flat ``{key: value}`` fingerprint of ``cfg`` launched on ``world_size`` ranks."""
     keys = {k: v for k, v in _flatten(cfg.to_dict()).items() if not any(fnmatch.fnmatch(k, pat) for pat in EXCLUDED)}
-    t = cfg.train
-    keys["train.global_batch_size"] = t.micro_batch_size * t.grad_accum * world_size
+    keys["train.global_batch_size"] = batch_shape(cfg.train, world_size).groups
     ds = resolve_path(cfg.deepspeed.config, cfg.source)
     keys["deepspeed.config:sha256"] = sha256(ds) if ds.is_file() else "missing"
     keys.update(_files(cfg.data.dir, "data.dir"))

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from msl_ds import distributed as D
-from msl_ds.batching import filler, token_micro_batches
-from msl_ds.config import ConfigError, TrainSection
-from msl_ds.data import Example, collate, flatten, micro_batches
+from msl_ds.batching import filler, rank_forwards
+from msl_ds.config import BatchShape, ConfigError, TrainSection, batch_shape
+from msl_ds.data import Example, collate, flatten
 from msl_ds.fault import maybe_fault
 from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, WEIGHT_FIELD, LossConfig, preference_loss_from_logps
 from msl_ds.logprobs import AnswerLogprobs
@@ -122,6 +122,7 @@ class StageTrainer:
     _t_log: float = 0.0
     label: str = ""  # how the console names the stage ("stage 3/7"); "stage <stage>" when empty
     _start: int = 0
+    _shape: BatchShape | None = None
 
     @property
     def logprobs(self) -> AnswerLogprobs:
@@ -144,13 +145,14 @@ class StageTrainer:
         self._t_log = time.time()
         self._start = start_step
         self.label = self.label or f"stage {self.stage}"
+        self._shape = shape = batch_shape(self.cfg, w)
         for step in progress(steps, desc=f"stage {self.stage} train", total=len(steps)):
             maybe_fault("train", stage=self.stage, step=step)
-            mbs = self._forwards(self.plan[step], w, r)
+            mbs = rank_forwards(self.plan[step], shape, w, r, self.examples, self.cfg.packing)
             batch_tokens = sum(self._answer_tokens(i) for i in self.plan[step])
             # the SFT term's global normaliser: gold tokens, or gold rows under norm "row"
             units = len(self.plan[step]) if self.loss_cfg.loss_norm == "row" else batch_tokens
-            normaliser = units / (w * self.cfg.grad_accum)
+            normaliser = units / (w * shape.accum)  # DeepSpeed divides each backward's loss by accum
             counts = group_counts([self.examples[i] for i in self.plan[step]])
             tally = dict.fromkeys(TALLY + TOKENS, 0.0)
             for k, mb in enumerate(mbs):
@@ -160,7 +162,7 @@ class StageTrainer:
                 D.set_accumulation_boundary(self.engine, k + 1 == len(mbs))
                 fill = mb is None  # a filler forward (token budgets: every rank runs as many)
                 if fill:
-                    mb = filler(self.plan[step], self.cfg.micro_batch_size, self.cfg.grad_accum, w, r, self.examples)
+                    mb = filler(mbs, self.examples, self.cfg.packing)
                 for name, v in self._micro_step([self.examples[i] for i in mb], normaliser, counts, fill).items():
                     tally[name] += v
             keys = TALLY + TOKENS
@@ -194,15 +196,6 @@ class StageTrainer:
             "train_skipped_steps": D.skipped_steps(self.engine, skipped),
             **self._pbl_values(last, prefix=""),
         }
-
-    def _forwards(self, batch: list[int], w: int, r: int) -> list[list[int] | None]:
-        """This rank's forwards of a global batch: its micro-batches, cut by the token budget
-        (``train.max_tokens_per_micro_batch``) when one is set."""
-        micro, accum = self.cfg.micro_batch_size, self.cfg.grad_accum
-        budget = self.cfg.max_tokens_per_micro_batch
-        if budget > 0:
-            return token_micro_batches(batch, micro, accum, w, r, self.examples, budget, self.cfg.packing)
-        return list(micro_batches(batch, micro, accum, w, r))
 
     def _nonfinite_message(self, step: int, what: str) -> str:
         return (
@@ -269,7 +262,7 @@ class StageTrainer:
         ref = torch.tensor([x.ref_logp for x in rows], dtype=torch.float32, device=labels.device)
         weights = torch.tensor([x.weight for x in rows], dtype=torch.float32, device=labels.device)
         local = group_counts(groups)
-        cfg = scaled_loss_config(self.loss_cfg, local, counts, D.world_size() * self.cfg.grad_accum)
+        cfg = scaled_loss_config(self.loss_cfg, local, counts, D.world_size() * self._shape.accum)
         pairs = {}
         if cfg.needs_pairs():
             pairs = {
@@ -290,7 +283,7 @@ class StageTrainer:
         self.engine.backward(loss)
         # report the un-normalised share of the global mean (what this rank contributed)
         margin = (metrics["logps"].float() - ref).cpu()
-        tally = {"loss": value / self.cfg.grad_accum, **{k: float(v) for k, v in local.items()}}
+        tally = {"loss": value / self._shape.accum, **{k: float(v) for k, v in local.items()}}
         ids = batch["input_ids"]
         # attention spans a row, not the packed sequence: positions x their own row's length
         seq = sum(len(x.input_ids) ** 2 for x in rows) if self.cfg.packing else ids.numel() * ids.shape[1]

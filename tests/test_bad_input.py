@@ -162,6 +162,21 @@ def test_deepspeed_config_contradicting_run_config(tmp_path):
     assert msg.startswith(f"{ds}:2: 'bf16.enabled' is True") and "model.dtype=fp32" in msg
 
 
+def test_deepspeed_precision_contradicting_run_config(tmp_path):
+    """A DeepSpeed file may not fix the accumulation or reduction dtype against the run config."""
+    ds = write(tmp_path / "ds.json", '{\n  "communication_data_type": "bf16"\n}')
+    bf16 = [f"deepspeed.config={ds}", "model.dtype=bf16"]
+    cfg = load_config(CONFIG_DIR / "run_cpu_default.yaml", bf16)
+    msg = refused(ConfigError, load_deepspeed_config, cfg, 2)
+    assert msg.startswith(f"{ds}:2: 'communication_data_type' is 'bf16' but the run config")
+    assert "deepspeed.communication_data_type=fp32" in msg
+    cfg = load_config(CONFIG_DIR / "run_cpu_default.yaml", [*bf16, "deepspeed.communication_data_type=model"])
+    assert load_deepspeed_config(cfg, 2)["communication_data_type"] == "bf16"  # agrees: accepted
+    write(ds, '{\n  "data_types": {\n    "grad_accum_dtype": "bfloat16"\n  }\n}')
+    msg = refused(ConfigError, load_deepspeed_config, load_config(CONFIG_DIR / "run_cpu_default.yaml", bf16), 2)
+    assert msg.startswith(f"{ds}:3: 'data_types.grad_accum_dtype' is 'bfloat16'") and "fp32" in msg
+
+
 def test_world_size_not_dividing_the_batch(tmp_path):
     ds = write(tmp_path / "ds.json", '{\n  "train_batch_size": 32\n}')
     cfg = load_config(CONFIG_DIR / "run_cpu_default.yaml", [f"deepspeed.config={ds}", "train.micro_batch_size=8"])

@@ -39,6 +39,9 @@ def test_gpu_configs_are_gpu_shaped():
     assert z["stage"] == 3 and z["overlap_comm"] and z["zero_hpz_partition_size"] >= 1
     t = cfg.train
     assert t.logprobs == "fused_linear" and t.gradient_checkpointing and t.max_tokens_per_micro_batch > 0
+    # one schedule on any cluster, gradients added and reduced in fp32 (not the bf16 of the weights)
+    assert t.global_batch_size > 0 and load_deepspeed_config(cfg, 16)["train_batch_size"] == t.global_batch_size
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
     assert cfg.data.max_seq_len >= 1024 and t.lr <= 2e-5 and not cfg.run.keep_stage_checkpoints
 
 
@@ -47,7 +50,9 @@ def test_run_config_loads(path: Path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     ds = load_deepspeed_config(cfg, world_size=2)
-    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+    t = cfg.train
+    assert ds["train_batch_size"] == (t.global_batch_size or t.micro_batch_size * t.grad_accum * 2)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)

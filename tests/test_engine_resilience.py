@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 
@@ -260,3 +261,44 @@ def test_export_is_safetensors_only(tmp_path):
     for name, w in weights(engine).items():
         assert torch.equal(exported[name], w), name
     D.destroy_engine(engine)
+
+
+@pytest.mark.parametrize(
+    "overrides, want",
+    [
+        ((), torch.float32),
+        (("deepspeed.grad_accum_dtype=model", "deepspeed.communication_data_type=model"), torch.bfloat16),
+    ],
+    ids=["default-fp32", "model-bf16"],
+)
+def test_bf16_engine_accumulates_and_reduces_in_the_configured_dtype(overrides, want):
+    """The engine's effective precision (DeepSpeed's CPU accelerator builds ZeRO-3 in bf16): by
+    default a bf16 run adds the forwards' gradient partitions in fp32 and reduce-scatters fp32;
+    ``model`` gives DeepSpeed's own default, the weights' bf16."""
+    engine, cfg = tiny_engine("model.dtype=bf16", *overrides)
+    try:
+        assert engine.get_data_types() == (torch.bfloat16, want)
+        assert engine.communication_data_type == want
+        opt = engine.optimizer  # ZeRO-3's optimizer: what it was built with, and the buffers it made
+        assert next(engine.module.parameters()).dtype == torch.bfloat16
+        assert (opt.gradient_accumulation_dtype, opt.communication_data_type) == (want, want)
+        assert opt.grad_partitions_flat_buffer.dtype == want  # where each backward's partition is added
+        assert list(opt.ipg_buckets) == [want]  # the reduce-scatter buckets
+        t = StageTrainer(engine, cfg.train, examples(), [list(range(8))], 0, 1, Monitor("", enabled=False), print)
+        assert math.isfinite(t.run()["train_loss"])  # and it trains
+    finally:
+        D.destroy_engine(engine)
+
+
+def test_bf16_zero2_engine_accumulates_in_fp32():
+    """zero2.json takes the same keys: DeepSpeed's ZeRO-2 optimizer accumulates in fp32 too."""
+    engine, cfg = tiny_engine("model.dtype=bf16", "deepspeed.config=zero2.json")
+    try:
+        assert engine.zero_optimization_stage() == 2
+        assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+        assert engine.communication_data_type == torch.float32
+        assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+        t = StageTrainer(engine, cfg.train, examples(), [list(range(8))], 0, 1, Monitor("", enabled=False), print)
+        assert math.isfinite(t.run()["train_loss"])
+    finally:
+        D.destroy_engine(engine)

@@ -101,6 +101,8 @@ def test_fingerprint_cases(tiny_world, model_dir, tmp_path):
     assert check_output_dir(out, same, True) == {"error": None, "warning": None, "fresh": False, "differs": []}
     # the same global batch on another rank count is the same run
     assert fingerprint(_cfg(tiny_world, model_dir, out, "train.grad_accum=2"), 1) == fp
+    g16 = _cfg(tiny_world, model_dir, out, "train.global_batch_size=16", "train.micro_batch_size=4")
+    assert fingerprint(g16, 4) == fp  # 16 groups per step = 8 x 1 x 2
     # a changed method: refused, naming run.method
     msl = fingerprint(_cfg(tiny_world, model_dir, out, "run.method=msl"), 2)
     refused = check_output_dir(out, msl, True)

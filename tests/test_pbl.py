@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msl_ds.config import TrainSection
+from msl_ds.config import TrainSection, batch_shape
 from msl_ds.data import Example, flatten
 from msl_ds.kernels import ROLE_ALIGNED, ROLE_CONFLICT, ROLE_GOLD, LossConfig
 from msl_ds.monitor import Monitor, set_progress
@@ -136,9 +136,9 @@ def run_trainer(
     model, groups, cfg: LossConfig, micro: int, accum: int, steps: int = 1, lr: float = 0.0, budget: int = 0
 ):
     set_progress(False)
-    engine = PlainEngine(model, accum, lr)
     plan = [list(range(len(groups)))] * steps
     train = TrainSection(micro_batch_size=micro, grad_accum=accum, log_every_steps=1, max_tokens_per_micro_batch=budget)
+    engine = PlainEngine(model, batch_shape(train, 1).accum, lr)  # DeepSpeed's gradient_accumulation_steps
     trainer = StageTrainer(engine, train, groups, plan, 0, 1, Monitor("", enabled=False), lambda s: None, loss_cfg=cfg)
     stats = trainer.run()
     return engine, stats
@@ -279,8 +279,9 @@ def test_probe_metrics_against_oracle():
 
 
 def test_token_budget_gives_the_same_step():
-    """train.max_tokens_per_micro_batch cuts micro-batches into more forwards; the step's loss and
-    gradient are those of the uncut micro-batches (every term is a share of the global step)."""
+    """train.max_tokens_per_micro_batch fills forwards by tokens (here: more, smaller ones than the
+    micro-batches); the step's loss and gradient are those of the micro-batches (every term is a
+    share of the global step)."""
     groups = make_groups(8, seed=3)
     cfg = LossConfig(nll_weight=1.0, pp_weight=0.3, np_weight=0.2, form="sigmoid", dpo=0.1)
     calls = []
