@@ -135,7 +135,12 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
             (f"2-stage msl run, stage {k}: stage seconds", fmt(st.get("stage_seconds"), ".1f"), "", source("msl"))
         )
         out_rows.append(
-            (f"2-stage msl run, stage {k}: train tokens/s", fmt(st.get("tokens_per_s"), ".0f"), "", source("msl"))
+            (
+                f"2-stage msl run, stage {k}: train answer tokens/s",
+                fmt(st.get("answer_tokens_per_s"), ".0f"),
+                "",
+                source("msl"),
+            )
         )
     if not msl:
         out_rows.append(("2-stage msl run (fused_linear, checkpointing)", "-", "completes", source("msl")))

@@ -27,7 +27,7 @@ ROWS = (
     "generation (augment phase) gathered: tokens/s",
     "generation (augment phase) synced: tokens/s",
     "2-stage msl run, stage 1: stage seconds",
-    "2-stage msl run, stage 2: train tokens/s",
+    "2-stage msl run, stage 2: train answer tokens/s",
     "train on 2 ranks, msl_ds fused_linear+ckpt: tokens/s",
 )
 
