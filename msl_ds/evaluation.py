@@ -247,6 +247,17 @@ def markdown_table(stages: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def base_vs_final(stages: list[dict[str, Any]]) -> str:
+    """One line per probe set: the base model's accuracy (the first stage's pre-evaluation) and the
+    last stage's, e.g. ``retain: base 0.933 -> final 0.867``; empty when no base was measured."""
+    base = stages[0].get("base", {}) if stages else {}
+    lines = []
+    for name in ("retain", "general", "acc_world"):
+        if name in base:
+            lines.append(f"{name}: base {_fmt(base[name])} -> final {_fmt(stages[-1].get(name))}")
+    return "\n".join(lines)
+
+
 def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 

@@ -31,7 +31,7 @@ from msl_ds.data import DataError, check_lengths, encode_rows, load_world, repla
 from msl_ds.datafiles import DataSource
 from msl_ds.diagnostics import collateral_damage, earlier_answers, rehearsal_metrics
 from msl_ds.engine import Checkpoints, build_engine, set_total_steps, stage_done
-from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_scores
+from msl_ds.evaluation import base_vs_final, evaluate_sets, json_safe, markdown_table, stage_scores
 from msl_ds.fault import maybe_fault
 from msl_ds.fingerprint import FILE as FINGERPRINT
 from msl_ds.fingerprint import check_output_dir, fingerprint, record
@@ -211,6 +211,8 @@ class Recipe:
             done.append(D.rank0_decides(read_json, sdir / "metrics.json"))  # rank 0's record, on every rank
         if D.is_rank0() and done:
             table = markdown_table(done)
+            if base_vs_final(done):
+                table += "\n" + base_vs_final(done) + "\n"
             write_text(self.out / "metrics.md", table)
             write_json(self.out / "summary.json", json_safe({"stages": done}))
             self.monitor.text("summary", table, done[-1]["global_step"])
