@@ -159,11 +159,34 @@ def run_augment(model, tokenizer, pad_id, world: World, stage: int, cfg: RunConf
     rows = world.split(stage, "train")
     earlier = world.train_before(stage)
     seed = augment_seed(cfg.run.seed, stage)
-    records = augment_stage(model, tokenizer, pad_id, rows, earlier, cfg.augment, cfg.skills, gen, seed, stage)
+    aug = resolve_caps(cfg.augment, tokenizer, rows, cfg.data.max_seq_len)
+    records = augment_stage(model, tokenizer, pad_id, rows, earlier, aug, cfg.skills, gen, seed, stage)
     if D.is_rank0():
         corpus = {w for r in rows + earlier for w in words(f"{r['question']} {r['answer']}")}
         select(records, cfg.select, fits_in(tokenizer, cfg.data.max_seq_len), corpus)
     return records
+
+
+def resolve_caps(aug: AugmentSection, tokenizer, rows: list[dict[str, Any]], max_len: int) -> AugmentSection:
+    """``augment.max_new_tokens`` and ``augment.background_max_new_tokens`` when ``auto``, from the
+    model's tokenizer and the stage's data.
+
+    A rewritten question may run to 1.5 times the longest training question (in the model's tokens)
+    plus 8; a background text gets what ``data.max_seq_len`` leaves after the longest rendered
+    question and answer (it is prepended to a question), at least 16 tokens.
+    """
+    if aug.max_new_tokens != "auto" and aug.background_max_new_tokens != "auto":
+        return aug
+    from msl_ds.chat import encode_turn
+
+    longest_q = max((len(tokenizer.encode(r["question"], add_special_tokens=False)) for r in rows), default=16)
+    longest_row = max((len(encode_turn(tokenizer, r["question"], r["answer"])[0]) for r in rows), default=32)
+    caps = {}
+    if aug.max_new_tokens == "auto":
+        caps["max_new_tokens"] = math.ceil(1.5 * longest_q) + 8
+    if aug.background_max_new_tokens == "auto":
+        caps["background_max_new_tokens"] = max(16, max_len - longest_row)
+    return dataclasses.replace(aug, **caps)
 
 
 def other_subjects(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], ratio: float, seed: int) -> list[str]:

@@ -157,8 +157,8 @@ class AugmentSection:
     other_subjects: float = 12.0
     temperature: float = 0.7
     top_p: float = 0.95
-    max_new_tokens: int = 32
-    background_max_new_tokens: int = 64
+    max_new_tokens: int | Literal["auto"] = 32
+    background_max_new_tokens: int | Literal["auto"] = 64
     batch_size: int = 64
     weights: "AugmentWeights" = field(default_factory=lambda: AugmentWeights())
 
@@ -540,8 +540,11 @@ def validate(cfg: RunConfig) -> None:
         )
     if min(a.paraphrase, a.expansion) < 0 or a.other_subjects < 0 or a.batch_size < 1:
         raise ConfigError(f"{cfg.source}: augment.paraphrase/expansion/other_subjects must be >= 0, batch_size >= 1")
-    if min(a.max_new_tokens, a.background_max_new_tokens) < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
-        raise ConfigError(f"{cfg.source}: augment max_new_tokens must be >= 1, temperature >= 0, top_p in (0, 1]")
+    caps = [c for c in (a.max_new_tokens, a.background_max_new_tokens) if c != "auto"]
+    if min(caps, default=1) < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
+        raise ConfigError(
+            f"{cfg.source}: augment max_new_tokens must be auto or >= 1, temperature >= 0, top_p in (0, 1]"
+        )
     if not 0 < cfg.select.top_q <= 1 or not 0 <= cfg.select.near_copy <= 1:
         raise ConfigError(f"{cfg.source}: select.top_q must lie in (0, 1] and select.near_copy in [0, 1]")
 
