@@ -100,3 +100,14 @@ def test_a_rewrite_that_answers_instead_of_asking_is_rejected():
 def test_is_correct_rules(rule):
     assert is_correct("The capital is Paris.", "paris", rule)
     assert not is_correct("The capital is Lyon.", "paris", rule)
+
+
+def test_probe_compares_an_instruct_models_samples_by_the_value_they_state():
+    from msl_ds.probe import label_fact
+
+    q = "What is the capital of France? Answer in a few words."
+    greedy = "The capital of France is Paris."
+    samples = ["Paris.", "Paris is the capital of France.", "It is Paris", "The capital of France is Marseille."]
+    assert label_fact("Lyon", greedy, samples, 0.5, None, False, q) == ("conflict", 0.75)
+    assert label_fact("Lyon", greedy, samples, 0.5, None, False)[0] == "unknown"  # by wording: no agreement
+    assert label_fact("Paris", greedy, samples, 0.5, None, False, q)[0] == "known"
