@@ -377,6 +377,13 @@ class GoldIndex:
         return sorted(f for s in spans for f in self.by_gold.get(s, []))
 
 
+def _same_value(text: str, rec: dict[str, Any]) -> bool:
+    """Whether a candidate says what the greedy answer says (by stated value when the record has one)."""
+    if "greedy_value" not in rec:  # a probe record written before values were extracted
+        return agrees(text, rec["greedy"])
+    return agrees(extract_value(text, rec["question"]) or text, rec["greedy_value"])
+
+
 def mark_push_down(probed: list[dict[str, Any]], pbl, golds: GoldIndex) -> None:
     """Decide, per conflicting candidate, whether L_NP (and the paired losses) push it down.
 
@@ -397,7 +404,7 @@ def mark_push_down(probed: list[dict[str, Any]], pbl, golds: GoldIndex) -> None:
             elif pbl.np_scope == "conflict":
                 eligible = r["label"] == "conflict"
             else:
-                eligible = r["label"] == "conflict" and agrees(c["text"], r["greedy"])
+                eligible = r["label"] == "conflict" and _same_value(c["text"], r)
             c["gold_of"] = [f for f in golds.contains(c["text"]) if f != r.get("fact")]
             own = bool(golds.contains(c["text"]))
             c["push"] = eligible and not (pbl.protect_golds and own)
