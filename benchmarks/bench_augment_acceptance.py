@@ -34,7 +34,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from msl_ds.augment import acceptance, augment_seed, augment_stage, fits_in, select, stale_oracle, words
+    from msl_ds.augment import (
+        acceptance, augment_seed, augment_stage, fits_in, resolve_caps, select, stale_oracle, words,
+    )  # fmt: skip
     from msl_ds.config import SkillsSection, load_config
     from msl_ds.data import load_world
     from msl_ds.facts import fact_key
@@ -53,7 +55,8 @@ def main() -> None:
     gen = GenConfig.from_eval(cfg.eval, cfg.run.seed)
     t0 = time.perf_counter()
     seed = augment_seed(cfg.run.seed, a.stage)
-    records = augment_stage(model, tok, pad, rows, earlier, cfg.augment, skills, gen, seed, a.stage)
+    aug = resolve_caps(cfg.augment, tok, world.split(a.stage, "train"), cfg.data.max_seq_len)
+    records = augment_stage(model, tok, pad, rows, earlier, aug, skills, gen, seed, a.stage)
     corpus = {w for r in rows + earlier for w in words(f"{r['question']} {r['answer']}")}
     select(records, cfg.select, fits_in(tok, cfg.data.max_seq_len), corpus)
     m = acceptance(records, stale_oracle(earlier + world.split(a.stage, "train")))
