@@ -35,7 +35,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from msl_ds.augment import (
-        acceptance, augment_seed, augment_stage, fits_in, resolve_caps, select, stale_oracle, words,
+        acceptance,
+        augment_seed,
+        augment_stage,
+        fits_in,
+        resolve_caps,
+        select,
+        stale_oracle,
+        words,
     )  # fmt: skip
     from msl_ds.config import SkillsSection, load_config
     from msl_ds.data import load_world
