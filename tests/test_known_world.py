@@ -31,7 +31,14 @@ def test_layout_follows_the_data_contract(tmp_path):
     countries = geonames.source_facts(60)
     forgotten = {countries[0]["code"], countries[1]["code"]}
     spec = geonames.KnownWorldSpec(stages=2, changes=4, twice=1, new=2, retain=5, general=3, templates=templates)
-    world = geonames.build_known_world(countries, _knows_all_but(countries, templates, forgotten), spec, "test")
+    answer, asked = _knows_all_but(countries, templates, forgotten), []
+
+    def ask(qs):
+        asked.extend(qs)
+        return answer(qs)
+
+    world = geonames.build_known_world(countries, ask, spec, "test")
+    assert len(asked) == len(set(asked))  # the base's accuracy reuses the check's answers
     names = {c["name"] for c in countries if c["code"] in forgotten}
     rows = [r for st in world.stages for s in ("train", "valid", "test") for r in st[s]]
     assert not names & {r["subject"] for r in rows + world.retain + world.general}  # only facts it knows

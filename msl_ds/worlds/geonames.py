@@ -346,10 +346,23 @@ def base_accuracy(world: World, ask: Ask) -> dict[str, float]:
     return acc
 
 
+def _memo(ask: Ask) -> Ask:
+    """``ask`` that asks each distinct question once (greedy answers: the same question, the same answer)."""
+    cache: dict[str, str] = {}
+
+    def asked(questions: list[str]) -> list[str]:
+        todo = list(dict.fromkeys(q for q in questions if q not in cache))
+        cache.update(zip(todo, ask(todo)))
+        return [cache[q] for q in questions]
+
+    return asked
+
+
 def build_known_world(countries: list[dict[str, Any]], ask: Ask, spec: KnownWorldSpec, model: str) -> World:
     """Ask the model, choose the facts, write the rows and record the base's accuracy."""
     spec.check()
     templates = spec.templates or load_templates()
+    ask = _memo(ask)  # the base's accuracy re-reads the answers the check already got
     known = known_facts(countries, templates, ask)
     world = build_rows(plan(countries, known, spec), spec, templates)
     accuracy = base_accuracy(world, ask)
