@@ -59,8 +59,9 @@ def first_clause(reply: str) -> str:
 # words an instruct model wraps a short answer in ("It is called the ...", "... located in ...")
 FILLERS = frozenset(
     "a an the is are was it its it's this that called named known as located situated in on of to and "
-    "answer answers officially official currently".split()
+    "answer answers officially official currently s".split()
 )
+COPULAS = frozenset("is are was".split())
 
 
 def extract_value(reply: str, question: str) -> str:
@@ -69,7 +70,8 @@ def extract_value(reply: str, question: str) -> str:
     The first clause of the reply (up to a sentence end, a line break, a comma, a semicolon or a
     parenthesis), with the leading and trailing words that occur in ``question`` or are
     :data:`FILLERS` stripped: "The capital of France is Paris." -> "Paris"; "Kenia is the capital
-    of Kenya." -> "Kenia"; "The currency of Japan is the Japanese Yen (JPY)." -> "Japanese Yen".
+    of Kenya." -> "Kenia"; "The currency of Japan is the Japanese Yen (JPY)." -> "Japanese Yen";
+    "Ethiopia's capital city is Addis Ababa." -> "Addis Ababa" (what follows the last "is").
     An empty string when nothing is left (the reply only restates the question).
     """
     head = re.split(r"[,;(\[]", first_clause(reply), maxsplit=1)[0]
@@ -83,4 +85,7 @@ def extract_value(reply: str, question: str) -> str:
         tokens.pop(0)
     while tokens and filler(tokens[-1]):
         tokens.pop()
+    cut = [i for i, t in enumerate(tokens) if t.lower() in COPULAS]
+    if cut and cut[-1] + 1 < len(tokens):  # "city is Addis Ababa": what follows the last "is"
+        tokens = tokens[cut[-1] + 1 :]
     return " ".join(tokens)

@@ -148,6 +148,7 @@ def _world_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--retain", type=int, default=15, help="geonames: known facts no stage changes")
     g.add_argument("--general", type=int, default=11, help="geonames: known continents of otherwise unused countries")
     g.add_argument("--candidates", type=int, default=80, help="geonames: most populous countries asked about")
+    g.add_argument("--known-share", type=float, default=1.0, help="geonames: share of phrasings right to keep a fact")
     g.add_argument("--templates", type=Path, default=None, help="geonames: question phrasings (JSON; default shipped)")
     g.add_argument("--max-new-tokens", type=int, default=24, help="geonames: answer length cap when asking the model")
     g.add_argument("--batch-size", type=int, default=32, help="geonames: questions per generate call")
@@ -206,6 +207,7 @@ def make_known_world(args: argparse.Namespace) -> int:
         spec = geonames.KnownWorldSpec(
             stages=args.stages, changes=args.changes, twice=args.twice, new=args.new, retain=args.retain,
             general=args.general, candidates=args.candidates, seed=args.seed, templates=templates,
+            known_share=args.known_share,
         )  # fmt: skip
         countries = geonames.source_facts(args.candidates)
         ask = model_asker(args.model, args.max_new_tokens, args.batch_size)

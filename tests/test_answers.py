@@ -46,6 +46,7 @@ def test_extract_value_strips_the_restated_question():
         extract_value("The capital of France is the city of Lyon (since 2024).", q) == "city of Lyon"
     )  # only the ends are stripped
     assert extract_value("The capital of France.", q) == ""
+    assert extract_value("Ethiopia's capital city is Addis Ababa.", "What is the capital of Ethiopia?") == "Addis Ababa"
     q2 = "What is the currency of Japan?"
     assert extract_value("The currency of Japan is the Japanese Yen (JPY).", q2) == "Japanese Yen"
 

@@ -57,12 +57,15 @@ class KnownWorldSpec:
     retain: int = 15  # known facts no stage changes
     general: int = 11  # known continents of countries found nowhere else
     candidates: int = 80  # most populous countries asked about
+    known_share: float = 1.0  # share of a fact's phrasings the model must answer right to keep it
     seed: int = 0
     templates: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.stages < 1 or self.changes < 1 or min(self.new, self.retain, self.general, self.twice) < 0:
             raise ValueError("stages and changes must be >= 1; new, retain, general and twice >= 0")
+        if not 0 < self.known_share <= 1:
+            raise ValueError(f"known_share must be in (0, 1], not {self.known_share}")
         if self.stages > 1 and self.twice > self.changes:
             raise ValueError(f"twice ({self.twice}) cannot exceed changes ({self.changes})")
 
@@ -135,8 +138,11 @@ def _distinct(a: str, b: str) -> bool:
 # --------------------------------------------------------------------------- asking the model
 
 
-def known_facts(countries: list[dict[str, Any]], templates: dict[str, Any], ask: Ask) -> dict[tuple[str, str], dict]:
-    """Which (country, relation) facts the model answers right in every phrasing.
+def known_facts(
+    countries: list[dict[str, Any]], templates: dict[str, Any], ask: Ask, share: float = 1.0
+) -> dict[tuple[str, str], dict]:
+    """Which (country, relation) facts the model answers right in at least ``share`` of the
+    phrasings (``--known-share``; 1.0: every one).
 
     First one train phrasing of every fact; then the other phrasings of the facts that passed.
     Returns ``{(code, relation): {"answers": {(split, i): answer}, ...}}`` for the known ones.
@@ -156,7 +162,8 @@ def known_facts(countries: list[dict[str, Any]], templates: dict[str, Any], ask:
     return {
         k: {"answers": v}
         for k, v in answers.items()
-        if all(states(a, by_code[k[0]][k[1]]) for a in v.values()) and len(v) == len(phrasings(templates, k[1]))
+        if len(v) == len(phrasings(templates, k[1]))
+        and sum(states(a, by_code[k[0]][k[1]]) for a in v.values()) >= share * len(v)
     }
 
 
@@ -363,8 +370,16 @@ def build_known_world(countries: list[dict[str, Any]], ask: Ask, spec: KnownWorl
     spec.check()
     templates = spec.templates or load_templates()
     ask = _memo(ask)  # the base's accuracy re-reads the answers the check already got
-    known = known_facts(countries, templates, ask)
-    world = build_rows(plan(countries, known, spec), spec, templates)
+    known = known_facts(countries, templates, ask, spec.known_share)
+    try:
+        chosen = plan(countries, known, spec)
+    except ValueError as exc:
+        counts = {rel: sum(k[1] == rel for k in known) for rel in (*TRAINED, GENERAL)}
+        raise ValueError(
+            f"{exc} (known among the {len(countries)} countries asked: {counts}; raise --candidates, lower "
+            "--known-share, or ask for a smaller world)"
+        ) from None
+    world = build_rows(chosen, spec, templates)
     accuracy = base_accuracy(world, ask)
     files = {p: hashlib.sha256(b).hexdigest() for p, b in sorted(_data_files(world).items())}
     world.meta = {
