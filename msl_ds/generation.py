@@ -48,6 +48,7 @@ class GenConfig:
     seed: int = 0
     top_k: int = 0  # 0: no top-k cut when sampling
     max_unfinished: float = 0.2  # warn when a larger share of a call's generations hits max_new_tokens
+    cap_key: str = "eval.max_new_tokens"  # the config key that sets max_new_tokens here: the warnings name it
 
     @classmethod
     def from_eval(cls, e, seed: int) -> "GenConfig":
@@ -327,10 +328,12 @@ def _count_unfinished(desc: str, outputs: list[dict[str, Any]], cfg: GenConfig) 
     share = unfinished / len(outputs)
     if share > cfg.max_unfinished and D.is_rank0():
         log.warning(
-            "%s: %d of %d generations (%.0f%%) hit max_new_tokens=%d without an end token, more than "
-            "eval.max_unfinished=%.2f: the model may not end its turns with the tokens msl_ds stops on "
-            "(check model.chat_template and the checkpoint's generation_config.eos_token_id), or the cap is low",
-            desc, unfinished, len(outputs), 100 * share, cfg.max_new_tokens, cfg.max_unfinished,
+            "%s: %d of %d generations (%.0f%%) hit %s=%d without an end token, more than "
+            "eval.max_unfinished=%.2f: raise %s if the answers are cut short; otherwise the model may not end "
+            "its turns with the tokens msl_ds stops on (check model.chat_template and the checkpoint's "
+            "generation_config.eos_token_id)",
+            desc, unfinished, len(outputs), 100 * share, cfg.cap_key, cfg.max_new_tokens, cfg.max_unfinished,
+            cfg.cap_key,
         )  # fmt: skip
 
 

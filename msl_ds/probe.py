@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from msl_ds import distributed as D
+from msl_ds.answers import extract_value
 from msl_ds.chat import answer_ids
 from msl_ds.data import DataError, Example, collate, encode_example
 from msl_ds.evaluation import is_correct
@@ -52,8 +53,13 @@ def label_fact(
     consistency: float,
     described: bool | None = None,
     description_suffices: bool = False,
+    question: str = "",
 ) -> tuple[str, float]:
     """(label, share of samples agreeing with the greedy answer).
+
+    With ``question``, answers agree when the values they state agree
+    (:func:`msl_ds.answers.extract_value`: "The capital is Paris." and "Paris." agree), so an
+    instruct model's sentences are compared by what they say, not by their wording.
 
     A wrong answer is a conflict when the model is consistent about it: most samples agree, and
     (when ``described`` is given) the model's own description of the subject says it too. A
@@ -62,7 +68,8 @@ def label_fact(
     even when the samples scatter: two independent greedy answers (to the question, and about the
     subject) naming the same wrong value are a belief, not a guess.
     """
-    share = sum(agrees(s, greedy) for s in samples) / len(samples) if samples else 0.0
+    value = lambda text: (extract_value(text, question) or text) if question else text  # noqa: E731
+    share = sum(agrees(value(s), value(greedy)) for s in samples) / len(samples) if samples else 0.0
     if is_correct(greedy, gold):
         return "known", share
     consistent = bool(norm(greedy)) and share >= consistency and described is not False
@@ -231,7 +238,9 @@ def probe_seed(run_seed: int, stage: int) -> int:
 
 def sample(model, tokenizer, pad_id, questions: list[str], pbl, gen: GenConfig, seed: int):
     """Greedy answers and K samples per question; the samples are seeded per (seed, question, k)."""
-    base = dataclasses.replace(gen, max_new_tokens=pbl.max_new_tokens, batch_size=pbl.batch_size, seed=seed)
+    base = dataclasses.replace(
+        gen, max_new_tokens=pbl.max_new_tokens, batch_size=pbl.batch_size, seed=seed, cap_key="pbl.max_new_tokens"
+    )
     greedy = generate(model, tokenizer, pad_id, questions, base, desc="probe greedy")
     sampled_cfg = dataclasses.replace(base, do_sample=True, temperature=pbl.temperature, top_p=pbl.top_p)
     repeated = [q for q in questions for _ in range(pbl.samples)]
@@ -242,7 +251,7 @@ def sample(model, tokenizer, pad_id, questions: list[str], pbl, gen: GenConfig, 
 
 def describe(model, tokenizer, pad_id, subjects: list[str], prompt: str, gen: GenConfig, max_new: int) -> dict:
     """The model's own greedy description of each subject (``skills.background_prompt``)."""
-    cfg = dataclasses.replace(gen, do_sample=False, max_new_tokens=max_new)
+    cfg = dataclasses.replace(gen, do_sample=False, max_new_tokens=max_new, cap_key="pbl.subject_max_new_tokens")
     outs = generate(model, tokenizer, pad_id, [prompt.format(subject=s) for s in subjects], cfg, desc="probe subjects")
     return {s: o["text"] for s, o in zip(subjects, outs)}
 
@@ -268,10 +277,13 @@ def probe_stage(
     out = []
     for row, g, ss in zip(rows, greedy, samples):
         text = descriptions.get(row.get("subject") or "")
-        described = subject_evidence(text, row.get("subject") or "", g, known_subjects)
-        label, share = label_fact(row["answer"], g, ss, pbl.consistency, described, pbl.description_suffices)
+        value = extract_value(g, row["question"]) or g  # what the greedy answer states, not its wording
+        described = subject_evidence(text, row.get("subject") or "", value, known_subjects)
+        label, share = label_fact(
+            row["answer"], g, ss, pbl.consistency, described, pbl.description_suffices, row["question"]
+        )
         rec = {"id": row["id"], "fact": fact_key(row), "question": row["question"], "answer": row["answer"]}
-        rec.update(greedy=g, samples=ss)
+        rec.update(greedy=g, greedy_value=value, samples=ss)
         if text is not None:
             rec.update(description=text, described=described)
         rec.update(label=label, agree=share, candidates=distinct_candidates(g, ss, pbl.max_candidates))
@@ -365,6 +377,13 @@ class GoldIndex:
         return sorted(f for s in spans for f in self.by_gold.get(s, []))
 
 
+def _same_value(text: str, rec: dict[str, Any]) -> bool:
+    """Whether a candidate says what the greedy answer says (by stated value when the record has one)."""
+    if "greedy_value" not in rec:  # a probe record written before values were extracted
+        return agrees(text, rec["greedy"])
+    return agrees(extract_value(text, rec["question"]) or text, rec["greedy_value"])
+
+
 def mark_push_down(probed: list[dict[str, Any]], pbl, golds: GoldIndex) -> None:
     """Decide, per conflicting candidate, whether L_NP (and the paired losses) push it down.
 
@@ -385,7 +404,7 @@ def mark_push_down(probed: list[dict[str, Any]], pbl, golds: GoldIndex) -> None:
             elif pbl.np_scope == "conflict":
                 eligible = r["label"] == "conflict"
             else:
-                eligible = r["label"] == "conflict" and agrees(c["text"], r["greedy"])
+                eligible = r["label"] == "conflict" and _same_value(c["text"], r)
             c["gold_of"] = [f for f in golds.contains(c["text"]) if f != r.get("fact")]
             own = bool(golds.contains(c["text"]))
             c["push"] = eligible and not (pbl.protect_golds and own)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from msl_ds import distributed as D
-from msl_ds.augment import KINDS, acceptance, coverage_metrics, run_augment, training_rows
+from msl_ds.augment import KINDS, acceptance, coverage_metrics, run_augment, stale_oracle, training_rows
 from msl_ds.config import ConfigError, RunConfig, dump_yaml, load_deepspeed_config
 from msl_ds.data import (
     DataError,
@@ -39,7 +39,7 @@ from msl_ds.data import (
 from msl_ds.datafiles import DataSource
 from msl_ds.diagnostics import collateral_damage, earlier_answers, rehearsal_metrics
 from msl_ds.engine import Checkpoints, build_engine, set_total_steps, stage_done
-from msl_ds.evaluation import evaluate_sets, json_safe, markdown_table, stage_scores
+from msl_ds.evaluation import base_vs_final, evaluate_sets, json_safe, markdown_table, stage_scores
 from msl_ds.fault import maybe_fault
 from msl_ds.fingerprint import FILE as FINGERPRINT
 from msl_ds.fingerprint import check_output_dir, fingerprint, record
@@ -221,6 +221,8 @@ class Recipe:
             done.append(D.rank0_decides(read_json, sdir / "metrics.json"))  # rank 0's record, on every rank
         if D.is_rank0() and done:
             table = markdown_table(done)
+            if base_vs_final(done):
+                table += "\n" + base_vs_final(done) + "\n"
             write_text(self.out / "metrics.md", table)
             # the effective config (every key, resolved) and the code's commit: what the numbers mean
             write_json(self.out / "summary.json", json_safe({**run_record(self.cfg), "stages": done}))
@@ -294,14 +296,23 @@ class Recipe:
         now = self.state(t)
         with phase(label, "eval", f"{sum(map(len, sets.values()))} questions"):
             results = evaluate_sets(
-                engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} eval", dict.fromkeys(sets, now)
+                engine.module,
+                self.tokenizer,
+                pad,
+                sets,
+                self.gen,
+                f"stage {t} eval",
+                dict.fromkeys(sets, now),
+                self.cfg.eval.match,
             )
         release_generation_copy()
         stats = {**stats, **take_unfinished(), **take_gen_rates()}  # unfinished_<phase>, gen_tokens_per_s_<phase>
         D.destroy_engine(engine)
         if D.is_rank0():
             stats = {"train_rows": len(examples), **stats, **(probe_metrics(probed) if probed is not None else {})}
-            stats.update(acceptance(augmented) if augmented is not None else {})
+            if augmented is not None:  # aug_*_stale_accepted: accepted rows stating a superseded value (oracle)
+                oracle = stale_oracle(self.world.train_before(t) + self.world.split(t, "train"))
+                stats.update(acceptance(augmented, oracle))
             stats.update(self.replay_stats(examples, replay_weight))
             if augmented is not None:  # the rehearsal schedule's coverage of earlier subjects
                 stats.update(coverage_metrics(self.world, t, self.stages, self.cfg.augment, augmented))
@@ -407,7 +418,9 @@ class Recipe:
         # sets against the world it was trained on
         states = {n: self.state(t) if n == "now" else self.state(t - 1) for n in sets}
         with phase(self.label(t), "pre-eval", f"{sum(map(len, sets.values()))} questions"):
-            results = evaluate_sets(engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} pre-eval", states)
+            results = evaluate_sets(
+                engine.module, self.tokenizer, pad, sets, self.gen, f"stage {t} pre-eval", states, self.cfg.eval.match
+            )
         if D.is_rank0():
             write_jsonl(path, [dict(r, set=n) for n, rs in results.items() for r in rs])
         D.barrier()
