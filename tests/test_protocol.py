@@ -189,6 +189,17 @@ def test_rescore_tool_recomputes_acc_world(tmp_path):
     (pub / "msl_seed0.json").write_text(json.dumps({"stages": [{"stage": 1, "acc_world": want + 0.01}]}))
     bad = subprocess.run([*tool, str(pub / "msl_seed0.json")], capture_output=True, text=True)
     assert bad.returncode == 1 and "differs" in bad.stderr, bad.stderr
+    # the run's eval.match decides: "Blueish" states "blue" as a substring, not as a whole word
+    answers[2] = {"set": "stage_00", "id": "0b/t1", "output": "Blueish"}
+    for rule, value in (("word", (2 / 3 + 0) / 2), ("substring", want)):
+        name = f"msl_seed_{rule}"
+        (pub / f"{name}.eval.jsonl.gz").write_bytes(
+            gzip.compress("".join(json.dumps(a) + "\n" for a in answers).encode())
+        )
+        record = {"stages": [{"stage": 1, "acc_world": value}], "effective_config": {"eval": {"match": rule}}}
+        (pub / f"{name}.json").write_text(json.dumps(record))
+        res = subprocess.run([*tool, str(pub / f"{name}.json")], capture_output=True, text=True)
+        assert res.returncode == 0, (rule, res.stderr)
 
 
 def _protocol_tool():

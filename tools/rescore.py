@@ -10,8 +10,10 @@ result with the ``acc_world`` the JSON states for the last stage:
 * the gold of a fact is its answer in the latest stage (stage 0 and the run's stages, up to the
   last) whose ``train`` or evaluation-split rows state it (fact: ``fact_id``, else subject +
   relation, else the row id);
-* an answer is right iff the lower-cased gold is a substring of the lower-cased output (the
-  authors' rule);
+* an answer is right under the run's ``eval.match``: ``word`` (the default) when the gold's words
+  occur in the output as an adjacent run of whole words, both lower-cased, accents and thousands
+  separators dropped, split on non-word characters; ``substring`` when the lower-cased gold is a
+  substring of the lower-cased output (the authors' rule);
 * ``acc_world`` = the mean over every fact asked in the stage sets of the mean over its phrasings.
 
 Prints one JSON line per run; exits 1 when a recomputed value differs from the published one by
@@ -23,8 +25,27 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import sys
+import unicodedata
 from pathlib import Path
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words, accents stripped, digit groups joined ("1,000" -> "1000")."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    text = re.sub(r"(?<=\d)[,\u2009\u202f](?=\d{3}(?!\d))", "", text)
+    text = re.sub(
+        r"(?<=\d)[,\u2009\u202f](?=\d{3}(?!\d))", "", text
+    )  # a second pass, as msl_ds repeats until none is left
+    return re.findall(r"\w+", text.lower())
+
+
+def right(output: str, gold: str, rule: str) -> bool:
+    if rule == "substring":
+        return bool(gold.strip()) and gold.strip().lower() in output.lower()
+    g, o = words(gold), words(output)
+    return bool(g) and any(o[i : i + len(g)] == g for i in range(len(o) - len(g) + 1))
 
 
 def fact_key(row: dict) -> str:
@@ -51,7 +72,7 @@ def golds(world: Path, stages: list[int], split: str) -> dict[str, str]:
     return gold
 
 
-def acc_world(world: Path, answers: list[dict], stages: list[int], split: str) -> tuple[float, int]:
+def acc_world(world: Path, answers: list[dict], stages: list[int], split: str, rule: str) -> tuple[float, int]:
     """(acc_world, number of facts) of the stage sets in ``answers``."""
     gold = golds(world, stages, split)
     rows: dict[str, dict] = {}
@@ -65,7 +86,7 @@ def acc_world(world: Path, answers: list[dict], stages: list[int], split: str) -
         if rec["id"] not in rows[t]:
             raise SystemExit(f"{rec['id']}: no such row in {world / f'stage_{t:02d}' / f'{split}.jsonl'}")
         key = fact_key(rows[t][rec["id"]])
-        per_fact.setdefault(key, []).append(gold[key].strip().lower() in rec["output"].lower())
+        per_fact.setdefault(key, []).append(right(rec["output"], gold[key], rule))
     means = [sum(v) / len(v) for v in per_fact.values()]
     return (sum(means) / len(means) if means else float("nan")), len(means)
 
@@ -79,7 +100,8 @@ def rescore(run_json: Path, world: Path, split: str | None) -> dict:
     eff = record.get("effective_config") or {}
     split = split or eff.get("data", {}).get("eval_split") or "test"
     stages = [s["stage"] for s in record["stages"]]
-    value, facts = acc_world(world, answers, stages, split)
+    rule = eff.get("eval", {}).get("match", "word")
+    value, facts = acc_world(world, answers, stages, split, rule)
     return {"run": str(run_json), "split": split, "acc_world": value, "facts": facts,
             "published": record["stages"][-1].get("acc_world")}  # fmt: skip
 
