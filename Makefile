@@ -106,7 +106,8 @@ smoke:
 		BASE_ARGS="base.train.max_steps=$(SMOKE_BASE_STEPS) base.out_dir=$(SMOKE_OUT)/base" \
 		ARGS="run.method=msl data.stages=[1] run.output_dir=$(SMOKE_OUT)/run model.path=$(SMOKE_OUT)/base" \
 		2>&1 | tee $(SMOKE_OUT)/train.log
-	grep -q "^| *1 *|" $(SMOKE_OUT)/train.log || { echo "smoke: no metrics row for stage 1 in $(SMOKE_OUT)/train.log"; exit 1; }
+	grep -q "^| stage | acc_world |" $(SMOKE_OUT)/train.log && grep -q "^msl_ds: 1 stages" $(SMOKE_OUT)/train.log \
+		|| { echo "smoke: no metrics table of the 1-stage run in $(SMOKE_OUT)/train.log"; exit 1; }
 	$(MAKE) --no-print-directory smoke-bare
 
 # `pip install -e .` with no extra: --check passes with an embedder that needs none, and the
