@@ -72,7 +72,7 @@ def golds(world: Path, stages: list[int], split: str) -> dict[str, str]:
     return gold
 
 
-def acc_world(world: Path, answers: list[dict], stages: list[int], split: str, rule: str) -> tuple[float, int]:
+def acc_world(world: Path, answers: list[dict], stages: list[int], split: str, rule: str = "word") -> tuple[float, int]:
     """(acc_world, number of facts) of the stage sets in ``answers``."""
     gold = golds(world, stages, split)
     rows: dict[str, dict] = {}
