@@ -232,6 +232,13 @@ def test_protocol_grid_rule_picks_the_best_valid_mean(tmp_path):
     cmds = tool.valid_commands()
     assert len(cmds) == len(tool.GRID) and all("valid" == c[c.index("--split") + 1] for c in cmds)
     assert all(c[c.index("--seeds") + 1 : c.index("--seeds") + 4] == ["0", "1", "2"] for c in cmds)
+    part = tool.valid_commands(["msl_paper/*", "msl/base"], jobs=1)  # a part of the grid, one run in flight each
+    assert [c[c.index("--publish") + 1].split("valid/")[1] for c in part] == ["msl/base"] + [
+        c for c in tool.GRID if c.startswith("msl_paper/")
+    ]
+    assert all(c[c.index("--jobs") + 1] == "1" for c in part)
+    with pytest.raises(SystemExit, match="match no grid cell"):
+        tool.valid_commands(["msl/nope"])
     (test,) = tool.test_commands()
     assert test[test.index("--split") + 1] == "test" and test[test.index("--publish") + 1] == "docs/results/default"
     assert test[test.index("--methods") + 1 : test.index("--methods") + 9] == list(METHODS_ORDER)

@@ -15,6 +15,7 @@ commands instead of running them.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shlex
 import subprocess
@@ -26,7 +27,8 @@ VERSION = 1
 SEEDS = ["0", "1", "2"]
 WORLD = ["--data", "data/world_default", "--model", "artifacts/base_default", "--world", "default"]
 # two single-rank runs at a time on a 2-core box; grad_accum 2 keeps the 2-rank global batch
-COMMON = ["--jobs", "2", "--nproc", "1", "--seeds", *SEEDS]
+COMMON = ["--nproc", "1", "--seeds", *SEEDS]
+JOBS = 2
 SHARED = ["train.grad_accum=2"]
 METHODS = ["sft", "replay", "msl_paper", "msl", "msl_no_pbl", "msl_no_aug", "msl_no_select", "msl_replay"]
 TIE = 0.005  # a change must beat the shipped value's mean valid acc_world by more than this
@@ -52,17 +54,27 @@ VALID_DIR = "docs/results/default/valid"
 TEST_DIR = "docs/results/default"
 
 
-def compare(method_args: list[str], out: str, publish: str, split: str, overrides: list[str]) -> list[str]:
+def compare(method_args: list[str], out: str, publish: str, split: str, overrides: list[str],
+            jobs: int = JOBS) -> list[str]:  # fmt: skip
     return [
-        sys.executable, "launch/compare.py", *WORLD, *COMMON, *method_args, "--split", split, "--out", out,
-        "--publish", publish, *SHARED, *overrides,
+        sys.executable, "launch/compare.py", *WORLD, "--jobs", str(jobs), *COMMON, *method_args, "--split", split,
+        "--out", out, "--publish", publish, *SHARED, *overrides,
     ]  # fmt: skip
 
 
-def valid_commands() -> list[list[str]]:
+def valid_commands(cells: list[str] | None = None, jobs: int = JOBS) -> list[list[str]]:
+    """The grid's compare commands; ``cells`` (fnmatch patterns) runs a part of it, so two
+    processes with ``--jobs 1`` keep two runs in flight where one with ``--jobs 2`` idles a core
+    on every cell's third seed."""
+    unknown = [c for c in cells or [] if not fnmatch.filter(GRID, c)]
+    if unknown:
+        raise SystemExit(f"--cells {unknown} match no grid cell; cells: {', '.join(GRID)}")
     return [
-        compare(["--methods", m], f"results/protocol_v{VERSION}/valid/{cell}", f"{VALID_DIR}/{cell}", "valid", over)
+        compare(
+            ["--methods", m], f"results/protocol_v{VERSION}/valid/{cell}", f"{VALID_DIR}/{cell}", "valid", over, jobs
+        )  # fmt: skip
         for cell, (m, _, over) in GRID.items()
+        if cells is None or any(fnmatch.fnmatch(cell, c) for c in cells)
     ]
 
 
@@ -152,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=["valid", "pick", "confirm", "test"])
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--cells", nargs="+", help="valid: only these grid cells (fnmatch patterns, e.g. 'msl/*')")
+    p.add_argument("--jobs", type=int, default=JOBS, help="valid: runs in flight per compare command")
     a = p.parse_args(argv)
     if a.step in ("valid", "confirm", "test") and not a.dry_run:
         inputs_or_exit()
     if a.step == "valid":
-        run_all(valid_commands(), a.dry_run)
+        run_all(valid_commands(a.cells, a.jobs), a.dry_run)
     elif a.step == "pick":
         print(json.dumps(pick(), indent=2))
     elif a.step == "confirm":
