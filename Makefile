@@ -35,7 +35,7 @@ test-floors:
 	.venv-floors/bin/python -m pytest -q -m "not distributed and not e2e" $(PYTEST_ARGS)
 
 .PHONY: setup setup-test setup-smollm2 import-real test-floors train world base test test-slow test-fast smoke smoke-bare lint \
-	bench bench-gen bench-paper clean protocol-valid protocol-pick protocol-confirm protocol-test
+	bench bench-gen bench-paper clean protocol-valid protocol-pick protocol-confirm protocol-test protocol-report
 .PHONY: setup-real world-real train-real
 
 # uv installs what pip would (same PyPI, same find-links), faster; --compile-bytecode as pip does:
@@ -157,6 +157,10 @@ protocol-confirm: base setup-test
 
 protocol-test: base setup-test
 	$(BIN)/python tools/protocol.py test $(ARGS)
+
+# the closing report of the test runs: table, paired differences with sign test and bootstrap, targets
+protocol-report: setup-test
+	$(BIN)/python tools/report.py --results docs/results/default --data data/world_default
 
 clean:
 	rm -rf runs artifacts data results

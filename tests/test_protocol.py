@@ -262,3 +262,47 @@ def test_protocol_test_step_refused_until_frozen_and_clean(tmp_path):
         tool.frozen_or_exit(tmp_path)
     subprocess.run([*git, "commit", "-qam", "freeze"], check=True)
     tool.frozen_or_exit(tmp_path)  # frozen and clean: the test runs may start
+
+
+def test_report_tool_pairs_and_targets(tmp_path):
+    """tools/report.py on a hand-made published directory: per-seed differences, the sign test,
+    the bootstrap interval and each target decided on the right numbers."""
+    world, results = tmp_path / "world", tmp_path / "pub"
+    facts = "ABCD"
+    _write_jsonl(world / "stage_00" / "train.jsonl", [{"id": f, "fact_id": f, "answer": f"v{f}"} for f in facts])
+    _write_jsonl(world / "stage_00" / "test.jsonl", [{"id": f"{f}/t", "fact_id": f, "answer": f"v{f}"} for f in facts])
+    right = {"msl": "ABC", "sft": "A", "replay": "AB", "msl_replay": "AB", "msl_no_pbl": "ABC"}
+    cover = {"msl": [1.0, 0.9]}
+    for m, ok in right.items():
+        for s in range(3):
+            answers = [{"set": "stage_00", "id": f"{f}/t", "output": f"v{f}" if f in ok else "no"} for f in facts]
+            (results / "runs").mkdir(parents=True, exist_ok=True)
+            (results / "runs" / f"{m}_seed{s}.eval.jsonl.gz").write_bytes(
+                gzip.compress("".join(json.dumps(a) + "\n" for a in answers).encode())
+            )
+            stages = [{"stage": 1, "rehearsal_subject_coverage": c, "aug_stale_accepted": 0} for c in cover.get(m, [])]
+            record = {"stages": stages or [{"stage": 1}], "effective_config": {"data": {"eval_split": "test"}}}
+            (results / "runs" / f"{m}_seed{s}.json").write_text(json.dumps(record))
+    stat = lambda mean, std=0.0: {"mean": mean, "std": std, "seeds": [mean] * 3}  # noqa: E731
+    summary = {"world": "w", "split": "test", "methods": {
+        m: {"acc_world": stat(len(ok) / 4, 0.02 if m == "msl" else 0.0), "outdated_world": stat(0.2 if m == "msl_no_pbl"
+            else 0.1), "general": stat(0.88)} for m, ok in right.items()}}  # fmt: skip
+    (results / "summary.json").write_text(json.dumps(summary))
+    (results / "base_metrics.json").write_text(json.dumps({"general_acc": 0.9, "stage_00_acc": 1.0}))
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), "--results", str(results), "--data",
+                          str(world), "--boot", "2000"], capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((results / "report.json").read_text())
+    pair = {(p["a"], p["b"]): p for p in rep["pairs"]}
+    msl_sft = pair[("msl", "sft")]
+    assert msl_sft["per_seed"] == [0.5] * 3 and msl_sft["signs"] == "+++" and msl_sft["sign_test_p"] == 1 / 8
+    assert msl_sft["facts"] == 4 and msl_sft["fact_mean"] == 0.5  # fact differences 0, 1, 1, 0
+    assert 0.0 <= msl_sft["boot95"][0] < 0.5 < msl_sft["boot95"][1] <= 1.0
+    assert pair[("msl_replay", "replay")]["signs"] == "000" and pair[("msl_replay", "replay")]["sign_test_p"] == 1.0
+    met = {t["target"].split(" ")[0] + t["target"].split(" ")[1]: t for t in rep["targets"]}
+    assert met["msl>="]["met"] and met["msl>="]["difference"] == 0.5  # 0.75 - 0.25
+    assert not met["msl_replay>="]["met"]  # equal: 0 < 3 points
+    assert met["PBLlowers"]["met"] and met["PBLlowers"]["outdated_lowered"] == pytest.approx(0.1)
+    assert met["mslgeneral"]["met"]  # 0.88 >= 0.9 - 0.05
+    assert not met["rehearsalcoverage"]["met"] and met["rehearsalcoverage"]["min_coverage"] == 0.9
+    assert "| msl − sft | +0.500, +0.500, +0.500 | +++ | 0.125 |" in (results / "report.md").read_text()

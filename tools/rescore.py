@@ -74,9 +74,15 @@ def golds(world: Path, stages: list[int], split: str) -> dict[str, str]:
 
 def acc_world(world: Path, answers: list[dict], stages: list[int], split: str, rule: str = "word") -> tuple[float, int]:
     """(acc_world, number of facts) of the stage sets in ``answers``."""
+    means = list(per_fact(world, answers, stages, split, rule).values())
+    return (sum(means) / len(means) if means else float("nan")), len(means)
+
+
+def per_fact(world: Path, answers: list[dict], stages: list[int], split: str, rule: str = "word") -> dict[str, float]:
+    """Each fact of the stage sets in ``answers``: the share of its phrasings answered right."""
     gold = golds(world, stages, split)
     rows: dict[str, dict] = {}
-    per_fact: dict[str, list[bool]] = {}
+    right_by_fact: dict[str, list[bool]] = {}
     for rec in answers:
         if not rec["set"].startswith("stage_"):
             continue
@@ -86,12 +92,12 @@ def acc_world(world: Path, answers: list[dict], stages: list[int], split: str, r
         if rec["id"] not in rows[t]:
             raise SystemExit(f"{rec['id']}: no such row in {world / f'stage_{t:02d}' / f'{split}.jsonl'}")
         key = fact_key(rows[t][rec["id"]])
-        per_fact.setdefault(key, []).append(right(rec["output"], gold[key], rule))
-    means = [sum(v) / len(v) for v in per_fact.values()]
-    return (sum(means) / len(means) if means else float("nan")), len(means)
+        right_by_fact.setdefault(key, []).append(right(rec["output"], gold[key], rule))
+    return {key: sum(v) / len(v) for key, v in right_by_fact.items()}
 
 
-def rescore(run_json: Path, world: Path, split: str | None) -> dict:
+def load_run(run_json: Path, split: str | None = None) -> tuple[dict, list[dict], list[int], str, str]:
+    """A published run: (its record, its last stage's answers, its stages, split, match rule)."""
     record = json.loads(run_json.read_text(encoding="utf-8"))
     answers_file = run_json.with_name(run_json.name.removesuffix(".json") + ".eval.jsonl.gz")
     if not answers_file.is_file():
@@ -100,7 +106,11 @@ def rescore(run_json: Path, world: Path, split: str | None) -> dict:
     eff = record.get("effective_config") or {}
     split = split or eff.get("data", {}).get("eval_split") or "test"
     stages = [s["stage"] for s in record["stages"]]
-    rule = eff.get("eval", {}).get("match", "word")
+    return record, answers, stages, split, eff.get("eval", {}).get("match", "word")
+
+
+def rescore(run_json: Path, world: Path, split: str | None) -> dict:
+    record, answers, stages, split, rule = load_run(run_json, split)
     value, facts = acc_world(world, answers, stages, split, rule)
     return {"run": str(run_json), "split": split, "acc_world": value, "facts": facts,
             "published": record["stages"][-1].get("acc_world")}  # fmt: skip
