@@ -284,9 +284,19 @@ def test_report_tool_pairs_and_targets(tmp_path):
             record = {"stages": stages or [{"stage": 1}], "effective_config": {"data": {"eval_split": "test"}}}
             (results / "runs" / f"{m}_seed{s}.json").write_text(json.dumps(record))
     stat = lambda mean, std=0.0: {"mean": mean, "std": std, "seeds": [mean] * 3}  # noqa: E731
-    summary = {"world": "w", "split": "test", "methods": {
-        m: {"acc_world": stat(len(ok) / 4, 0.02 if m == "msl" else 0.0), "outdated_world": stat(0.2 if m == "msl_no_pbl"
-            else 0.1), "general": stat(0.88)} for m, ok in right.items()}}  # fmt: skip
+    summary = {
+        "world": "w",
+        "split": "test",
+        "methods": {
+            m: {
+                "acc_world": stat(len(ok) / 4, 0.02 if m == "msl" else 0.0),
+                "outdated_world": stat(0.2 if m == "msl_no_pbl" else 0.1),
+                "general": stat(0.88),
+                "conflict_recall": {"mean": None, "std": None, "seeds": [None] * 3},
+            }
+            for m, ok in right.items()
+        },
+    }  # fmt: skip  (NaN is written as null)
     (results / "summary.json").write_text(json.dumps(summary))
     (results / "base_metrics.json").write_text(json.dumps({"general_acc": 0.9, "stage_00_acc": 1.0}))
     res = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), "--results", str(results), "--data",

@@ -36,6 +36,10 @@ TABLE = ["acc_world", "outdated_world", "retain", "general", "bwt", "new_acc", "
          "conflict_recall", "stage1_changed_acc", "stage1_changed_outdated"]  # fmt: skip
 
 
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not math.isnan(v)
+
+
 def stage_metric(record: dict, key: str) -> list[float]:
     """``key`` at every stage of a published run that reports it (NaN and missing skipped)."""
     vals = [st.get(key) for st in record["stages"]]
@@ -112,7 +116,7 @@ def markdown(summary: dict, runs: dict[str, list[dict]], pairs: list[dict], tgts
     for meth, res in summary["methods"].items():
         stale = sum(sum(stage_metric(r, "aug_stale_accepted")) for r in runs[meth])
         cover = [v for r in runs[meth] for v in stage_metric(r, "rehearsal_subject_coverage")]
-        cells = [pm(res[k]) if k in res and not math.isnan(res[k]["mean"]) else "—" for k in TABLE]
+        cells = [pm(res[k]) if _num(res.get(k, {}).get("mean")) else "—" for k in TABLE]  # NaN is null in JSON
         lines.append(f"| {meth} | " + " | ".join(cells) + f" | {stale:g} | {min(cover) if cover else '—'} |")
     lines += ["", "Every seed's acc_world:", ""]
     for meth, res in summary["methods"].items():
