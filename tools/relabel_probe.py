@@ -4,7 +4,7 @@
 
     python tools/relabel_probe.py runs/smollm2 --scope fact --no-subject-check
 
-Reads ``<run>/stage_NN/probe.jsonl`` (one record per training row: greedy answer, samples, the
+Reads ``<run>/stage_NN/probe.jsonl`` (or a published ``probe.jsonl.gz``; one record per training row: greedy answer, samples, the
 subject's description when one was asked for, the oracle) and prints, per stage, the labels and
 the conflict precision and recall, as the run would have logged them. Generation is not repeated:
 the model's answers are the run's own, so settings can be compared on one probe's worth of answers.
@@ -13,6 +13,7 @@ the model's answers are the run's own, so settings can be compared on one probe'
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -45,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-subject-check", action="store_true")
     p.add_argument("--no-description-suffices", action="store_true")
     a = p.parse_args(argv)
-    stages = sorted(a.run.glob("stage_*/probe.jsonl"))
+    stages = sorted(a.run.glob("stage_*/probe.jsonl")) or sorted(a.run.glob("stage_*/probe.jsonl.gz"))
     if not stages:
         raise SystemExit(f"{a.run}: no stage_*/probe.jsonl (a run with run.method msl writes one per stage)")
     for path in stages:
-        records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        records = [json.loads(x) for x in data.decode("utf-8").splitlines() if x.strip()]
         res = relabel(records, a.consistency, a.scope, not a.no_subject_check, not a.no_description_suffices)
         print(json.dumps({"stage": path.parent.name, **res}))
     return 0
