@@ -149,16 +149,18 @@ def _world_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--source", default="embedded", choices=("embedded", "geonames"), help="where the facts come from")
     g.add_argument("--model", default=None, help="geonames: the HF model dir whose knowledge the world keeps")
     g.add_argument("--stages", type=int, default=2, help="geonames: stages after stage 0")
-    g.add_argument("--changes", type=int, default=8, help="geonames: counterfactual changes of known facts per stage")
+    g.add_argument("--changes", type=int, default=6, help="geonames: counterfactual changes of known facts per stage")
     g.add_argument("--twice", type=int, default=2, help="geonames: of those, facts an earlier stage changed already")
     g.add_argument("--new", type=int, default=6, help="geonames: fictional countries per stage")
-    g.add_argument("--retain", type=int, default=15, help="geonames: known facts no stage changes")
+    g.add_argument("--retain", type=int, default=10, help="geonames: known facts no stage changes")
     g.add_argument("--general", type=int, default=11, help="geonames: known continents of otherwise unused countries")
     g.add_argument("--candidates", type=int, default=80, help="geonames: most populous countries asked about")
     g.add_argument("--known-share", type=float, default=1.0, help="geonames: share of phrasings right to keep a fact")
     g.add_argument("--templates", type=Path, default=None, help="geonames: question phrasings (JSON; default shipped)")
     g.add_argument("--max-new-tokens", type=int, default=24, help="geonames: answer length cap when asking the model")
     g.add_argument("--batch-size", type=int, default=32, help="geonames: questions per generate call")
+    g.add_argument("--answers", type=Path, default=None,
+                   help="geonames: the model's answers, kept between builds (default: OUT.answers.json)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -215,7 +217,7 @@ def make_world(argv: list[str] | None = None) -> int:
 def make_known_world(args: argparse.Namespace) -> int:
     """``msl-make-world --source geonames --model DIR``: the known-facts world of a checkpoint."""
     from msl_ds.worlds import geonames
-    from msl_ds.worlds.asking import model_asker
+    from msl_ds.worlds.asking import cached_asker, model_asker, model_key
 
     if not args.model:
         print(
@@ -231,7 +233,12 @@ def make_known_world(args: argparse.Namespace) -> int:
             known_share=args.known_share,
         )  # fmt: skip
         countries = geonames.source_facts(args.candidates)
-        ask = model_asker(args.model, args.max_new_tokens, args.batch_size)
+        cache = args.answers or args.out.with_name(args.out.name + ".answers.json")
+        ask = cached_asker(
+            model_asker(args.model, args.max_new_tokens, args.batch_size),
+            cache,
+            model_key(args.model, args.max_new_tokens),
+        )
         world = geonames.build_known_world(countries, ask, spec, str(args.model))
     except (ValueError, ImportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -117,6 +117,7 @@ class PblSection:
     embedder: Literal["minilm", "policy", "lexical"] = "minilm"
     substring_rule: bool = True
     consistency: float = 0.5
+    consistency_scope: Literal["question", "fact"] = "question"
     subject_check: bool = True
     description_suffices: bool = True
     known_subjects: bool = True

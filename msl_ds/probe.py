@@ -274,13 +274,14 @@ def probe_stage(
         descriptions = describe(
             engine.module, tokenizer, pad_id, subjects, background_prompt, gen, pbl.subject_max_new_tokens
         )
+    evidence = consistency_evidence(rows, greedy, samples, pbl.consistency_scope)
     out = []
-    for row, g, ss in zip(rows, greedy, samples):
+    for row, g, ss, ev in zip(rows, greedy, samples, evidence):
         text = descriptions.get(row.get("subject") or "")
         value = extract_value(g, row["question"]) or g  # what the greedy answer states, not its wording
         described = subject_evidence(text, row.get("subject") or "", value, known_subjects)
         label, share = label_fact(
-            row["answer"], g, ss, pbl.consistency, described, pbl.description_suffices, row["question"]
+            row["answer"], g, ev, pbl.consistency, described, pbl.description_suffices, row["question"]
         )
         rec = {"id": row["id"], "fact": fact_key(row), "question": row["question"], "answer": row["answer"]}
         rec.update(greedy=g, greedy_value=value, samples=ss)
@@ -296,6 +297,26 @@ def probe_stage(
     for r in out:
         r["candidates"] = [_candidate(r["answer"], c, next(sims), pbl) for c in r["candidates"]]
     _attach_reference(engine, tokenizer, pad_id, out, max_len, pbl.batch_size, logprobs)
+    return out
+
+
+def consistency_evidence(
+    rows: list[dict[str, Any]], greedy: list[str], samples: list[list[str]], scope: str
+) -> list[list[str]]:
+    """The answers a row's consistency is measured over (``pbl.consistency_scope``): ``question``,
+    its own samples; ``fact``, the samples of every phrasing of its fact and the greedy answers of
+    the other phrasings. An instruct model's samples of one question scatter at any useful
+    temperature while its greedy answers to three phrasings of a fact it believes agree, so a
+    fact-level vote finds the beliefs a per-question vote calls unknown."""
+    if scope == "question":
+        return [list(ss) for ss in samples]
+    by_fact: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_fact.setdefault(fact_key(row), []).append(i)
+    out = []
+    for i, row in enumerate(rows):
+        mates = by_fact[fact_key(row)]
+        out.append([s for j in mates for s in samples[j]] + [greedy[j] for j in mates if j != i])
     return out
 
 

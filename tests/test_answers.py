@@ -112,3 +112,37 @@ def test_probe_compares_an_instruct_models_samples_by_the_value_they_state():
     assert label_fact("Lyon", greedy, samples, 0.5, None, False, q) == ("conflict", 0.75)
     assert label_fact("Lyon", greedy, samples, 0.5, None, False)[0] == "unknown"  # by wording: no agreement
     assert label_fact("Paris", greedy, samples, 0.5, None, False, q)[0] == "known"
+
+
+def test_fact_scope_votes_over_every_phrasing_of_a_fact():
+    """``pbl.consistency_scope: fact``: an instruct model's samples of one phrasing scatter while
+    its greedy answers to the fact's phrasings agree (SmolLM2-135M on Argentina's capital, as its
+    probe recorded them); the fact-level vote calls each phrasing a conflict, the per-question
+    vote only the first. Another fact's answers never count."""
+    from msl_ds.probe import consistency_evidence, label_fact
+
+    qs = ["What is the capital of Argentina? Answer in a few words.",
+          "Which city is the capital of Argentina? Answer in a few words.",
+          "Name the capital city of Argentina. Answer in a few words."]  # fmt: skip
+    rows = [{"fact_id": "Argentina/capital", "question": q} for q in qs] + [
+        {"fact_id": "Peru/capital", "question": "?"}
+    ]
+    greedy = ["Argentina's capital is Buenos Aires.", "Argentina's capital is Buenos Aires.",
+              "Argentina's capital city is Buenos Aires.", "Lima."]  # fmt: skip
+    samples = [
+        ["The capital of Argentina is Buenos Aires.", "Buenos Aires.", "In Argentina, the capital is Buenos Aires.",
+         "Argentina's capital is Buenos Aires."],
+        ["Argentina is the capital of the South American nation of Argentina.", "Almergota is the capital of Argentina.",
+         "Almería, also known as the capital of Argentina, is a city", "Argentina's capital: Buenos Aires"],
+        ["Argentina's capital city is La Plata.", "Argentina's capital city is Belo Horizonte.",
+         "Argentina's capital city isn't officially defined", "Argentina's capital city is Buenos Aires."],
+        ["Lima.", "Lima.", "Lima.", "Lima."],
+    ]  # fmt: skip
+    own = consistency_evidence(rows, greedy, samples, "question")
+    pooled = consistency_evidence(rows, greedy, samples, "fact")
+    assert own == samples
+    assert len(pooled[0]) == 12 + 2 and "Lima." not in pooled[1] and pooled[3] == samples[3]
+    per_question = [label_fact("Rosario", g, ev, 0.5, None, False, q)[0] for g, ev, q in zip(greedy, own, qs)]
+    per_fact = [label_fact("Rosario", g, ev, 0.5, None, False, q)[0] for g, ev, q in zip(greedy, pooled, qs)]
+    assert per_question == ["conflict", "unknown", "unknown"]
+    assert per_fact == ["conflict", "conflict", "conflict"]

@@ -75,5 +75,37 @@ def test_too_few_known_facts_is_a_clear_error():
     templates = geonames.load_templates()
     countries = geonames.source_facts(10)
     spec = geonames.KnownWorldSpec(templates=templates)
-    with pytest.raises(ValueError, match="the model knows 0 changeable facts; 14 are needed"):
+    with pytest.raises(ValueError, match="the model knows 0 changeable facts; 10 are needed"):
         geonames.build_known_world(countries, lambda qs: ["no idea"] * len(qs), spec, "test")
+
+
+def test_answers_persist_between_builds(tmp_path):
+    """The builder's answers are kept (``OUT.answers.json``): a build that stopped asks nothing
+    twice; answers of another checkpoint or length cap (another key) are not reused."""
+    from msl_ds.worlds.asking import cached_asker, model_key
+
+    asked = []
+
+    def ask(qs):
+        asked.extend(qs)
+        return [q.upper() for q in qs]
+
+    path = tmp_path / "w.answers.json"
+    first = cached_asker(ask, path, "k1")
+    assert first(["a", "b", "a"]) == ["A", "B", "A"] and asked == ["a", "b"]
+    again = cached_asker(ask, path, "k1")  # a new build: a new process reading the file
+    assert again(["b", "c"]) == ["B", "C"] and asked == ["a", "b", "c"]
+    assert json.loads(path.read_text())["answers"] == {"a": "A", "b": "B", "c": "C"}
+    other = cached_asker(ask, path, "k2")
+    assert other(["a"]) == ["A"] and asked == ["a", "b", "c", "a"]
+    assert json.loads(path.read_text()) == {"key": "k2", "answers": {"a": "A"}}
+    # the key changes with any byte of the model directory and with the length cap
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "import.json").write_text('{"seconds": 1}')
+    k = model_key(model, 24)
+    (model / "import.json").write_text('{"seconds": 2}')  # times and paths only: the same model
+    assert model_key(model, 24) == k and model_key(model, 32) != k
+    (model / "config.json").write_text('{"x": 1}')
+    assert model_key(model, 24) != k

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
 from typing import Callable
 
 from msl_ds.generation import GenConfig, generate
+from msl_ds.io import write_json
+
+log = logging.getLogger("msl_ds")
+Ask = Callable[[list[str]], list[str]]
 
 
 def model_asker(
@@ -35,3 +42,41 @@ def model_asker(
         return [o["text"] for o in generate(model, tokenizer, pad, questions, cfg, desc="known-world questions")]
 
     return ask
+
+
+def model_key(model_dir: str | Path, max_new_tokens: int) -> str:
+    """What a checkpoint's greedy answers depend on: the bytes of every file of its directory
+    (weights, config, tokenizer, chat template, generation config) and the length cap."""
+    h = hashlib.sha256(f"max_new_tokens={max_new_tokens}".encode())
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.is_file() and p.name != "import.json":  # import.json records paths and times, not the model
+            h.update(p.name.encode())
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def cached_asker(ask: Ask, path: str | Path, key: str) -> Ask:
+    """``ask`` whose answers persist in ``path`` (JSON: ``key`` and ``{question: answer}``), written
+    atomically after every call: a build that stops (too few known facts for the sizes asked, a
+    kill) asks nothing twice when run again. A file made for another key (another checkpoint or
+    length cap) is not reused: it is started anew."""
+    path = Path(path)
+    answers: dict[str, str] = {}
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("key") == key:
+            answers = data["answers"]
+            log.info("%s: %d answers of this checkpoint reused", path, len(answers))
+        else:
+            log.info("%s: answers of another checkpoint or length cap, not reused", path)
+
+    def asked(questions: list[str]) -> list[str]:
+        todo = list(dict.fromkeys(q for q in questions if q not in answers))
+        if todo:
+            answers.update(zip(todo, ask(todo)))
+            write_json(path, {"key": key, "answers": answers})
+        return [answers[q] for q in questions]
+
+    return asked

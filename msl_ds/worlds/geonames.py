@@ -51,10 +51,10 @@ class KnownWorldSpec:
     """The sizes of a known-facts world (``msl-make-world --source geonames`` flags)."""
 
     stages: int = 2
-    changes: int = 8  # counterfactual changes of known facts per stage
+    changes: int = 6  # counterfactual changes of known facts per stage
     twice: int = 2  # of those, from stage 2 on: facts an earlier stage changed already
     new: int = 6  # fictional countries per stage (a capital and a currency each)
-    retain: int = 15  # known facts no stage changes
+    retain: int = 10  # known facts no stage changes
     general: int = 11  # known continents of countries found nowhere else
     candidates: int = 80  # most populous countries asked about
     known_share: float = 1.0  # share of a fact's phrasings the model must answer right to keep it
