@@ -9,15 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from msl_ds.generation import GenConfig, generate
-from msl_ds.io import write_json
+from msl_ds.io import sha256, write_json
 
 log = logging.getLogger("msl_ds")
-Ask = Callable[[list[str]], list[str]]
+Ask = Callable[[list[str]], list[str]]  # questions -> the model's greedy answers
 
 
-def model_asker(
-    model_dir: str | Path, max_new_tokens: int = 24, batch_size: int = 32
-) -> Callable[[list[str]], list[str]]:
+def model_asker(model_dir: str | Path, max_new_tokens: int = 24, batch_size: int = 32) -> Ask:
     """A function from questions to the checkpoint's greedy answers.
 
     The model and tokenizer are loaded with ``transformers`` from ``model_dir`` (a plain HF
@@ -47,14 +45,9 @@ def model_asker(
 def model_key(model_dir: str | Path, max_new_tokens: int) -> str:
     """What a checkpoint's greedy answers depend on: the bytes of every file of its directory
     (weights, config, tokenizer, chat template, generation config) and the length cap."""
-    h = hashlib.sha256(f"max_new_tokens={max_new_tokens}".encode())
-    for p in sorted(Path(model_dir).iterdir()):
-        if p.is_file() and p.name != "import.json":  # import.json records paths and times, not the model
-            h.update(p.name.encode())
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-    return h.hexdigest()
+    files = {p.name: sha256(p) for p in sorted(Path(model_dir).iterdir())
+             if p.is_file() and p.name != "import.json"}  # import.json records paths and times, not the model  # fmt: skip
+    return hashlib.sha256(json.dumps([max_new_tokens, files], sort_keys=True).encode()).hexdigest()
 
 
 def cached_asker(ask: Ask, path: str | Path, key: str) -> Ask:

@@ -33,17 +33,16 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from msl_ds.answers import states
 from msl_ds.world import SPLITS, World, _data_files, _make_names
+from msl_ds.worlds.asking import Ask
 
 SOURCE = "geonames"
 TEMPLATES = Path(__file__).with_name("geonames_templates.json")
 TRAINED = ("capital", "currency")  # the relations stages change
 GENERAL = "continent"  # the relation of the general probe: no stage trains it
-
-Ask = Callable[[list[str]], list[str]]  # questions -> the model's greedy answers
 
 
 @dataclass
